@@ -1,0 +1,18 @@
+# The two commands of the README, plus helpers for authors.
+.PHONY: book test setup execute clean
+
+book:            ## set everything up and build the HTML book into _build/html
+	bash scripts/build_book.sh
+
+test:            ## set everything up and run every test
+	bash scripts/test.sh
+
+setup:
+	bash scripts/setup.sh
+
+execute:         ## re-execute one chapter in place: make execute NB=book/01_toy_simulator.ipynb
+	MPLBACKEND=Agg .venv/bin/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=600 $(NB)
+
+clean:
+	rm -rf _build

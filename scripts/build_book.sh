@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set everything up and build the HTML book into _build/html (warnings are errors).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export MTLBOOK_DATA=${MTLBOOK_DATA:-$(cd .. && pwd)/shared/data}
+export MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+echo "== building the book"
+.venv/bin/jupyter-book build . -W -n --keep-going
+echo "== the book is at $(pwd)/_build/html/index.html"

@@ -1,0 +1,114 @@
+"""Browser tests on the built book: math is typeset and explorers respond with no kernel.
+
+Run after ``make book`` (``make test`` does it in that order). They drive Debian's headless
+Chromium through Playwright and skip, with the reason, when the browser is not installed.
+Screenshots land in ``_build/screenshots/`` for people to look at.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+SHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+# Pages with explorers: (page path, how many explorers at least).
+EXPLORER_PAGES = [("book/01_toy_simulator.html", 1)]
+
+
+@pytest.fixture(scope="module")
+def site_url():
+    if not (HTML / "index.html").exists():
+        pytest.fail(f"the book is not built: {HTML / 'index.html'} missing (run `make book` first)")
+    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); browser tests need it")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    external: list[str] = []
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+    page.goto(url, wait_until="networkidle")
+    return page, external
+
+
+def _visible_explorer_images(page, explorer) -> list[str]:
+    """The src of each <img> inside ``explorer`` that is currently displayed."""
+    return explorer.evaluate(
+        """el => Array.from(el.querySelectorAll('img'))
+              .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0)
+              .map(i => i.src.slice(-200))"""
+    )
+
+
+@pytest.mark.parametrize("path,_n", EXPLORER_PAGES)
+def test_math_is_typeset(browser, site_url, path, _n):
+    page, external = _open(browser, f"{site_url}/{path}")
+    page.wait_for_selector("mjx-container", timeout=20000)
+    text = page.inner_text("article")
+    for raw in ("$$", "\\begin{", "\\frac"):
+        assert raw not in text, f"raw TeX {raw!r} left in the text of {path}"
+    assert page.locator("mjx-container").count() > 3
+    assert not external, f"{path} requested resources off this machine: {external[:3]}"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / (Path(path).stem + "-top.png")))
+    page.close()
+
+
+@pytest.mark.parametrize("path,n_explorers", EXPLORER_PAGES)
+def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
+    page, _ = _open(browser, f"{site_url}/{path}")
+    page.wait_for_selector(".jupyter-widgets .noUi-handle", timeout=30000)
+    explorers = page.locator(".mtlbook-explorer")
+    assert explorers.count() >= n_explorers, "explorer widgets are not displayed"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for k in range(explorers.count()):
+        explorer = explorers.nth(k)
+        explorer.scroll_into_view_if_needed()
+        before = _visible_explorer_images(page, explorer)
+        assert before, f"explorer {k} on {path} shows no figure"
+        handle = explorer.locator(".noUi-handle").first
+        value_before = handle.get_attribute("aria-valuenow")
+        handle.focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_timeout(300)
+        after = _visible_explorer_images(page, explorer)
+        assert handle.get_attribute("aria-valuenow") != value_before, "the slider did not move"
+        assert after and after != before, f"moving the slider of explorer {k} on {path} did not change the figure"
+        explorer.screenshot(path=str(SHOTS / f"{Path(path).stem}-explorer{k}.png"))
+    page.close()
