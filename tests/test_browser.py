@@ -82,7 +82,7 @@ def test_math_is_typeset(browser, site_url, path, _n):
     text = page.inner_text("article")
     for raw in ("$$", "\\begin{", "\\frac"):
         assert raw not in text, f"raw TeX {raw!r} left in the text of {path}"
-    assert page.locator("mjx-container").count() > 3
+    assert page.locator("mjx-container").count() > 0, "no typeset math on the page"
     assert not external, f"{path} requested resources off this machine: {external[:3]}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / (Path(path).stem + "-top.png")))

@@ -1,31 +1,35 @@
-"""Show the package's own code inside a chapter (one source of truth)."""
+"""Show the package's own code in a chapter (one source of truth, never a second copy)."""
 
 from __future__ import annotations
 
 import inspect
 import textwrap
+from typing import Any
 
-from IPython.display import Markdown
+__all__ = ["source_text", "show_source"]
 
 
-def show_source(obj: object, *, start: str | None = None) -> Markdown:
-    """Return the source of ``obj`` as a highlighted Python block for a notebook cell.
+def source_text(*objects: Any) -> str:
+    """The source code of each object (function, class, method, module), dedented and joined
+    by a blank line."""
+    if not objects:
+        raise ValueError("source_text needs at least one object")
+    parts = []
+    for obj in objects:
+        try:
+            parts.append(textwrap.dedent(inspect.getsource(obj)).rstrip())
+        except (TypeError, OSError) as error:
+            raise TypeError(f"cannot get the source of {obj!r}: {error}") from error
+    return "\n\n\n".join(parts)
 
-    Args:
-        obj: a function, class, method or module of :mod:`mtlbook`.
-        start: optional line prefix; when given, the listing starts at the first line that
-            begins with it (after dedenting), e.g. ``"def forward"``.
+
+def show_source(*objects: Any) -> Any:
+    """A syntax-highlighted code block of the objects' source, for display in a notebook.
+
+    Returns an :class:`IPython.display.Markdown` object (a fenced ``python`` block), which
+    Jupyter and the built book both render with highlighting; make it the cell's last
+    expression or pass it to ``display``.
     """
-    try:
-        src = textwrap.dedent(inspect.getsource(obj))
-    except (TypeError, OSError) as exc:
-        raise TypeError(f"show_source needs a function, class or module, got {type(obj).__name__}") from exc
-    if start is not None:
-        lines = src.splitlines()
-        for i, line in enumerate(lines):
-            if line.lstrip().startswith(start):
-                src = textwrap.dedent("\n".join(lines[i:]))
-                break
-        else:
-            raise ValueError(f"start={start!r} does not begin any line of {getattr(obj, '__qualname__', obj)}")
-    return Markdown(f"```python\n{src.rstrip()}\n```")
+    from IPython.display import Markdown
+
+    return Markdown("```python\n" + source_text(*objects) + "\n```")
