@@ -1,0 +1,515 @@
+"""Measuring task affinity from per-task gradients on the shared parameters (chapter 5).
+
+For tasks ``i = 1..n`` with losses :math:`L_i` and shared parameters :math:`\\theta_s`
+(the shared experts only; task experts, gates and towers are excluded):
+
+.. math::
+
+    g_i = \\operatorname{flatten}\\bigl(\\partial L_i / \\partial \\theta_s\\bigr), \\qquad
+    G = [g_1; \\dots; g_n] \\in \\mathbb{R}^{n \\times d}
+
+    \\hat G = G / \\max(\\lVert g_i \\rVert, 10^{-8}) \\ \\text{(row-wise)}, \\qquad
+    C = \\hat G \\hat G^\\top \\quad (C_{ij} = \\cos(g_i, g_j))
+
+    A_t = \\beta A_{t-1} + (1 - \\beta) C_t, \\quad \\beta = 0.9, \\quad
+    A_t \\leftarrow \\operatorname{clamp}(A_t, -1, 1)
+
+The first observation of a pair initialises it (:math:`A_{ij} = C_{ij}`) and a pair that
+involves a task absent from the batch keeps its previous value. :math:`A` is an
+exponential moving average, i.e. a first-order low-pass filter whose memory is about
+:math:`1 / (1 - \\beta) = 10` measurements.
+
+Attribution: the name adaTT comes from AdaTT (Li et al., KDD 2023, ``li2023adatt``), whose
+fusion units learn task-to-task mixing with gates inside the network. The loss-level
+variant in this subpackage (gradient-cosine affinity, transfer loss, prior, phases) is the
+one described by the book's source notes; it is not the architecture of that paper.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+EXTRACTIONS = ("batched", "loop")
+PARAMETER_SETS = ("all", "weights", "last_layer")
+
+__all__ = ["TaskAffinityComputer", "cosine_matrix", "EXTRACTIONS", "PARAMETER_SETS"]
+
+
+# --------------------------------------------------------------------------- validation
+def check_task_names(task_names: Sequence[str], name: str = "task_names") -> tuple[str, ...]:
+    """Return ``task_names`` as a tuple of unique non-empty strings (else ValueError/TypeError)."""
+    if isinstance(task_names, str):
+        raise TypeError(f"{name} must be a sequence of str, not a single str {task_names!r}")
+    names = tuple(task_names)
+    if not names:
+        raise ValueError(f"{name} must hold at least one task name, got an empty sequence")
+    for t in names:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"{name} must hold non-empty str, got {t!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name} must be unique, got {list(names)}")
+    return names
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_unit_interval(value: Any, name: str, *, closed_right: bool = True) -> float:
+    """A finite float in [0, 1] (or [0, 1) when ``closed_right`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in [0, 1{']' if closed_right else ')'}, got {value!r}")
+    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    if not ok:
+        raise ValueError(f"{name} must be in [0, 1{']' if closed_right else ')'}, got {value!r}")
+    return float(value)
+
+
+def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: torch.device) -> Tensor:
+    """Bool ``[n_tasks]`` on ``device``; ``None`` means every task is present."""
+    if present is None:
+        return torch.ones(n_tasks, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(present, device=device)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"present must be a bool tensor of shape [{n_tasks}], got dtype {mask.dtype}")
+    if mask.shape != (n_tasks,):
+        raise ValueError(f"present must have shape [{n_tasks}] (one flag per task), got {tuple(mask.shape)}")
+    return mask
+
+
+def as_loss_vector(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> Tensor:
+    """Stack per-task losses into a ``[n_tasks]`` tensor (task order of ``task_names``)."""
+    if not isinstance(task_losses, Tensor):
+        items = list(task_losses)
+        if not all(isinstance(t, Tensor) and t.numel() == 1 for t in items):
+            raise TypeError("task_losses must be a tensor [n_tasks] or a sequence of scalar tensors")
+        task_losses = torch.stack([t.reshape(()) for t in items])
+    if task_losses.shape != (n_tasks,):
+        raise ValueError(
+            f"task_losses must have shape [{n_tasks}] (one scalar loss per task), got {tuple(task_losses.shape)}"
+        )
+    return task_losses
+
+
+def loss_roots(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> list[Tensor]:
+    """The ``n_tasks`` scalar losses to differentiate, one per task.
+
+    A sequence of scalar tensors is kept as is, so an absent task's graph is never
+    traversed; a stacked ``[n_tasks]`` tensor is indexed (its absent rows still receive a
+    zero gradient through the stack, which is correct but not free).
+    """
+    if isinstance(task_losses, Tensor):
+        return list(as_loss_vector(task_losses, n_tasks).unbind(0))
+    items = list(task_losses)
+    if len(items) != n_tasks or not all(isinstance(t, Tensor) and t.numel() == 1 for t in items):
+        raise ValueError(f"task_losses must be a tensor [{n_tasks}] or a sequence of {n_tasks} scalar tensors")
+    return [t.reshape(()) for t in items]
+
+
+# --------------------------------------------------------------------------- math
+def cosine_matrix(gradients: Tensor) -> Tensor:
+    """Pairwise cosine similarity of the rows of ``gradients`` in one matmul.
+
+    .. math::
+        \\hat G = G / \\max(\\lVert g_i \\rVert_2, 10^{-8}), \\qquad C = \\hat G \\hat G^\\top
+
+    Args:
+        gradients: ``[n, d]``, one flattened gradient per row.
+
+    Returns:
+        ``[n, n]`` with ``C_ij = cos(g_i, g_j)``. A zero row has no direction: its row and
+        column (diagonal included) are 0 instead of NaN, thanks to the ``1e-8`` floor.
+    """
+    if not isinstance(gradients, Tensor) or gradients.dim() != 2:
+        raise ValueError("gradients must be a 2-D tensor [n_tasks, d]")
+    norms = gradients.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    unit = gradients / norms
+    return unit @ unit.T
+
+
+# --------------------------------------------------------------------------- hooks
+class _LastLayerCapture:
+    """Forward hooks that remember, for each captured ``nn.Linear``, its input ``h`` and
+    its output ``u = h W^T + b`` (the pre-activation) from the latest forward pass.
+
+    A forward pre-hook on the model clears the store, so a layer called several times in
+    one forward (weight sharing) keeps every call of that forward, and nothing older.
+    Nothing is captured when the output does not require grad (``torch.no_grad``/eval).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Linear]) -> None:
+        self.layers = list(layers)
+        self.calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.layers]
+        self.model_ref = weakref.ref(model)
+        self.handles = [model.register_forward_pre_hook(self._on_model_forward)]
+        for k, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_hook(self._make_hook(k)))
+
+    def __deepcopy__(self, memo: dict) -> "_LastLayerCapture":
+        # Shared, not copied: it holds live graph tensors, and the identity checks below
+        # make the hooks of a copied model inert.
+        return self
+
+    def _on_model_forward(self, module: nn.Module, *_: Any) -> None:
+        # copy.deepcopy(model) copies the hooks too: a copy's forward must not touch our store
+        if module is self.model_ref():
+            self._clear()
+
+    def _clear(self) -> None:
+        for calls in self.calls:
+            calls.clear()
+
+    def _make_hook(self, k: int) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if module is self.layers[k] and isinstance(output, Tensor) and output.requires_grad:
+                # h is only a value (no gradient needed); u must stay on the graph.
+                self.calls[k].append((inputs[0].detach(), output))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self._clear()
+
+
+# --------------------------------------------------------------------------- module
+class TaskAffinityComputer(nn.Module):
+    """EMA of the pairwise cosine similarity of per-task gradients on the shared parameters.
+
+    Args:
+        task_names: task order (rows/columns of the affinity matrix).
+        ema_decay: :math:`\\beta \\in [0, 1)` of :math:`A_t = \\beta A_{t-1} + (1-\\beta) C_t`.
+        extraction: ``"batched"`` (one ``autograd.grad`` call with ``is_grads_batched=True``,
+            ``grad_outputs = I``: row ``i`` of the identity selects :math:`L_i`) or
+            ``"loop"`` (one ``autograd.grad`` call per task). Both give the same ``G``.
+        parameter_set: which shared parameters define :math:`g_i`:
+            ``"all"`` every shared parameter; ``"weights"`` only those with ``dim >= 2``
+            (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
+            bias of the last ``nn.Linear`` of each shared expert, computed cheaply from the
+            gradient with respect to that layer's output (see :meth:`extract_gradients`).
+
+    Buffers (in ``state_dict``, moved by ``.to``, never optimised):
+        ``affinity`` ``[n, n]`` float, starts as the **identity** (every task fully aligned
+        with itself, no information about pairs: off-diagonal 0, which is neutral for
+        blocking); ``pair_observed`` ``[n, n]`` bool, True once both tasks of a pair were
+        measured together; ``n_updates`` long scalar, number of :meth:`update` calls.
+
+    Typical use inside a trainer::
+
+        computer.attach(model)               # once: shared params (+ hooks for last_layer)
+        out = model(batch.inputs)            # forward
+        losses = torch.stack([...])          # [n_tasks], graph kept
+        computer.measure(losses, present)    # every grad_interval steps
+        losses.sum().backward()              # the trainer's backward still works
+    """
+
+    affinity: Tensor
+    pair_observed: Tensor
+    n_updates: Tensor
+
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        ema_decay: float = 0.9,
+        extraction: str = "batched",
+        parameter_set: str = "all",
+    ) -> None:
+        super().__init__()
+        self.task_names = check_task_names(task_names)
+        self.ema_decay = check_unit_interval(ema_decay, "ema_decay", closed_right=False)
+        self.extraction = check_choice(extraction, "extraction", EXTRACTIONS)
+        self.parameter_set = check_choice(parameter_set, "parameter_set", PARAMETER_SETS)
+        n = len(self.task_names)
+        self.register_buffer("affinity", torch.eye(n))
+        self.register_buffer("pair_observed", torch.zeros(n, n, dtype=torch.bool))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        # What attach() stores: plain Python containers, so nothing here becomes a
+        # submodule or a parameter of this module (or enters its state_dict).
+        self._shared_parameters: list[nn.Parameter] = []
+        self._capture: _LastLayerCapture | None = None
+        self._model_ref: weakref.ref | None = None
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    def extra_repr(self) -> str:
+        return (
+            f"tasks={list(self.task_names)}, ema_decay={self.ema_decay}, "
+            f"extraction={self.extraction!r}, parameter_set={self.parameter_set!r}"
+        )
+
+    # ----------------------------------------------------------------- attach
+    def attach(self, model: nn.Module) -> "TaskAffinityComputer":
+        """Remember what :meth:`measure` needs from ``model``.
+
+        Stores ``model.shared_parameters()``; with ``parameter_set="last_layer"`` also
+        registers forward hooks on every layer of ``model.last_shared_layers()`` that keep
+        the layer's input and pre-activation output from the latest forward pass. Calling
+        it again re-attaches (old hooks are removed first). Returns ``self``.
+
+        Hooks of a ``copy.deepcopy`` of the model are inert (they check identity); a deep
+        copy of this module keeps pointing at the original model: attach copies anew.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.release()
+        if self.parameter_set == "last_layer":
+            if not hasattr(model, "last_shared_layers"):
+                raise TypeError('parameter_set="last_layer" needs a model with last_shared_layers()')
+            layers = list(model.last_shared_layers())
+            if not layers or not all(isinstance(layer, nn.Linear) for layer in layers):
+                raise TypeError("model.last_shared_layers() must return a non-empty list of nn.Linear")
+            self._capture = _LastLayerCapture(model, layers)
+        else:
+            if not hasattr(model, "shared_parameters"):
+                raise TypeError("model must expose shared_parameters()")
+            self._shared_parameters = list(model.shared_parameters())
+            if not self._shared_parameters:
+                raise ValueError("model.shared_parameters() is empty: nothing to measure affinity on")
+        self._model_ref = weakref.ref(model)
+        return self
+
+    def release(self) -> None:
+        """Remove hooks and forget the attached model (safe to call when nothing is attached)."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture = None
+        self._shared_parameters = []
+        self._model_ref = None
+
+    @property
+    def attached(self) -> bool:
+        return self._model_ref is not None and self._model_ref() is not None
+
+    # ----------------------------------------------------------------- extraction
+    @torch.compiler.disable
+    def extract_gradients(
+        self,
+        task_losses: Tensor | Sequence[Tensor],
+        shared_parameters: Sequence[nn.Parameter] | None = None,
+        present: Tensor | Sequence[bool] | None = None,
+        shared_outputs: Sequence[Tensor] | None = None,
+        last_layers: Sequence[nn.Linear] | None = None,
+        layer_inputs: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """Per-task gradients ``G`` ``[n_tasks, d]`` on the shared parameters.
+
+        Uses ``torch.autograd.grad(..., retain_graph=True, allow_unused=True)``, which
+        neither frees the graph nor touches ``.grad``: the trainer's own
+        ``loss.backward()`` afterwards behaves as if nothing happened. A parameter the
+        loss does not reach (or one with ``requires_grad=False``) contributes zeros. Rows of
+        absent tasks (``present[i]`` False) are zeros and are not computed (pass
+        ``task_losses`` as a list of scalars and their graphs are not even traversed; see
+        :func:`loss_roots`). Runs outside
+        any ``torch.compile`` region (``torch.compiler.disable``).
+
+        ``parameter_set="all"``/``"weights"``: ``shared_parameters`` (default: the ones
+        stored by :meth:`attach`) in order, each flattened; ``"weights"`` keeps ``dim >= 2``.
+
+        ``parameter_set="last_layer"``: for a Linear layer ``u = h W^T + b`` applied to rows
+        ``h`` (any leading dims, flattened to ``[B, d_in]``), the chain rule gives
+
+        .. math::
+            \\partial L_i / \\partial W = (\\partial L_i / \\partial u)^\\top h, \\qquad
+            \\partial L_i / \\partial b = \\textstyle\\sum_{rows} \\partial L_i / \\partial u,
+
+        so only the (small) gradient with respect to ``u`` is back-propagated, not the one
+        with respect to every expert parameter. ``u`` is the layer's own output, i.e. the
+        pre-activation: when an activation follows the last Linear, the chain rule above
+        still holds because differentiation stops at ``u``. By default ``h`` and ``u``
+        come from the hooks registered by :meth:`attach`; explicitly, pass
+        ``last_layers`` (the Linear modules), ``shared_outputs`` (their outputs ``u`` of the
+        latest forward, **pre-activation**, one tensor per layer) and ``layer_inputs``
+        (their inputs ``h``). The row is ``[W_1.flatten(), b_1, W_2.flatten(), b_2, ...]``,
+        the same order as the full gradient on those parameters.
+        """
+        n = self.n_tasks
+        roots = loss_roots(task_losses, n)
+        device = roots[0].device
+        mask = as_presence(present, n, device)
+        if not any(r.requires_grad for r in roots):
+            raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
+        # Present tasks whose loss is a constant have a zero row, like absent ones.
+        rows = [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
+        if self.parameter_set == "last_layer":
+            layers, calls = self._resolve_last_layers(shared_outputs, last_layers, layer_inputs)
+            return self._last_layer_gradients(roots, rows, layers, calls, device)
+        params = list(shared_parameters) if shared_parameters is not None else self._shared_parameters
+        if not params:
+            raise ValueError("shared_parameters is empty: pass them or call attach(model) first")
+        if self.parameter_set == "weights":
+            params = [p for p in params if p.dim() >= 2]
+            if not params:
+                raise ValueError('parameter_set="weights" found no shared parameter with dim >= 2')
+        return self._parameter_gradients(roots, rows, params, device)
+
+    def _batched_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or None if unused."""
+        if self.extraction == "loop":
+            per_task = [torch.autograd.grad(roots[i], inputs, retain_graph=True, allow_unused=True) for i in rows]
+            result: list[Tensor | None] = []
+            for c, x in enumerate(inputs):
+                grads = [g[c] for g in per_task]
+                if all(g is None for g in grads):
+                    result.append(None)
+                else:
+                    result.append(torch.stack([torch.zeros_like(x) if g is None else g for g in grads]))
+            return result
+        # Row k of the identity as grad_output selects loss k: vmap runs one backward per row.
+        stacked = torch.stack([roots[i].float() for i in rows])
+        selector = torch.eye(len(rows), dtype=stacked.dtype, device=stacked.device)
+        grads = torch.autograd.grad(
+            stacked, inputs, grad_outputs=selector, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return list(grads)
+
+    def _parameter_gradients(
+        self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device
+    ) -> Tensor:
+        sizes = [p.numel() for p in params]
+        out = torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
+        live = [k for k, p in enumerate(params) if p.requires_grad]  # frozen ones stay zero
+        if not rows or not live:
+            return out
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
+        row_index = torch.as_tensor(rows, device=device)
+        for k, g in zip(live, grads):
+            if g is not None:
+                out[row_index, offsets[k] : offsets[k + 1]] = g.reshape(len(rows), -1).float()
+        return out
+
+    def _resolve_last_layers(
+        self,
+        shared_outputs: Sequence[Tensor] | None,
+        last_layers: Sequence[nn.Linear] | None,
+        layer_inputs: Sequence[Tensor] | None,
+    ) -> tuple[list[nn.Linear], list[list[tuple[Tensor, Tensor]]]]:
+        given = [x is not None for x in (shared_outputs, last_layers, layer_inputs)]
+        if any(given):
+            if not all(given):
+                raise ValueError(
+                    "for parameter_set='last_layer' pass all of last_layers, shared_outputs "
+                    "(pre-activation outputs of those layers) and layer_inputs, or none (use attach)"
+                )
+            layers, outs, ins = list(last_layers), list(shared_outputs), list(layer_inputs)
+            if not (len(layers) == len(outs) == len(ins)) or not layers:
+                raise ValueError("last_layers, shared_outputs and layer_inputs must have the same non-zero length")
+            if not all(isinstance(layer, nn.Linear) for layer in layers):
+                raise TypeError("last_layers must hold nn.Linear modules")
+            return layers, [[(h.detach(), u)] for h, u in zip(ins, outs)]
+        if self._capture is None:
+            raise ValueError("parameter_set='last_layer' needs attach(model) or explicit layer tensors")
+        if not any(self._capture.calls):
+            raise ValueError("no activations captured: run a forward pass with grad enabled before measuring")
+        return self._capture.layers, self._capture.calls
+
+    def _last_layer_gradients(
+        self,
+        roots: Sequence[Tensor],
+        rows: Sequence[int],
+        layers: Sequence[nn.Linear],
+        calls: Sequence[Sequence[tuple[Tensor, Tensor]]],
+        device: torch.device,
+    ) -> Tensor:
+        sizes = [layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0) for layer in layers]
+        out = torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
+        flat = [(k, h, u) for k, layer_calls in enumerate(calls) for h, u in layer_calls if u.requires_grad]
+        if not rows or not flat:
+            return out
+        k_rows = len(rows)
+        d_outputs = self._batched_task_grads(roots, rows, [u for _, _, u in flat])
+        grad_w = [torch.zeros(k_rows, *layer.weight.shape, device=device) for layer in layers]
+        grad_b = [torch.zeros(k_rows, layer.weight.shape[0], device=device) for layer in layers]
+        for (k, h, _), du in zip(flat, d_outputs):
+            if du is None:
+                continue
+            d_out, d_in = layers[k].weight.shape
+            du = du.reshape(k_rows, -1, d_out).float()  # leading dims of u flattened to rows
+            h = h.reshape(-1, d_in).float()
+            grad_w[k] += torch.einsum("rbo,bi->roi", du, h)  # dL/dW = du^T h, per task
+            grad_b[k] += du.sum(dim=1)  # dL/db = sum over rows of du
+        pieces = []
+        for k, layer in enumerate(layers):
+            pieces.append(grad_w[k].reshape(k_rows, -1))
+            if layer.bias is not None:
+                pieces.append(grad_b[k])
+        out[torch.as_tensor(rows, device=device)] = torch.cat(pieces, dim=1)
+        return out
+
+    # ----------------------------------------------------------------- EMA
+    cosine_matrix = staticmethod(cosine_matrix)
+
+    @torch.no_grad()
+    def update(
+        self,
+        gradients: Tensor | None = None,
+        present: Tensor | Sequence[bool] | None = None,
+        *,
+        cosine: Tensor | None = None,
+    ) -> Tensor:
+        """Fold one measurement into the EMA and return the affinity buffer.
+
+        Pass either ``gradients`` ``[n, d]`` (cosine computed here) or ``cosine`` ``[n, n]``.
+        For every pair (i, j) with both tasks observed in this measurement:
+
+        .. math::
+            A_{ij} \\leftarrow \\begin{cases}
+                C_{ij} & \\text{first observation of the pair} \\\\
+                \\beta A_{ij} + (1-\\beta) C_{ij} & \\text{otherwise}
+            \\end{cases}
+
+        Pairs with an unobserved task keep their value (they are not pulled toward 0).
+        A task is observed when ``present[i]`` is True and, when ``gradients`` are given,
+        its gradient row is finite and non-zero (a zero or NaN gradient has no direction,
+        so it carries no information about the pair). Then
+        ``A = clamp(A, -1, 1)`` and ``n_updates += 1``.
+        """
+        if (gradients is None) == (cosine is None):
+            raise ValueError("update needs exactly one of gradients [n, d] or cosine [n, n]")
+        n = self.n_tasks
+        device = self.affinity.device
+        observed = as_presence(present, n, device).clone()
+        if gradients is not None:
+            if not isinstance(gradients, Tensor) or gradients.dim() != 2 or gradients.shape[0] != n:
+                raise ValueError(f"gradients must have shape [{n}, d], got {tuple(getattr(gradients, 'shape', ()))}")
+            grads = gradients.detach().to(device=device, dtype=self.affinity.dtype)
+            observed &= torch.isfinite(grads).all(dim=1) & (grads.norm(dim=1) > 0)
+            current = cosine_matrix(torch.nan_to_num(grads))
+        else:
+            if not isinstance(cosine, Tensor) or cosine.shape != (n, n):
+                raise ValueError(f"cosine must have shape [{n}, {n}], got {tuple(getattr(cosine, 'shape', ()))}")
+            current = cosine.detach().to(device=device, dtype=self.affinity.dtype)
+        pair = observed[:, None] & observed[None, :]
+        blended = self.ema_decay * self.affinity + (1.0 - self.ema_decay) * current
+        new = torch.where(pair & self.pair_observed, blended, self.affinity)
+        new = torch.where(pair & ~self.pair_observed, current, new)
+        self.affinity.copy_(new.clamp(-1.0, 1.0))
+        self.pair_observed |= pair
+        self.n_updates += 1
+        return self.affinity
+
+    def measure(self, task_losses: Tensor | Sequence[Tensor], present: Tensor | Sequence[bool] | None = None) -> Tensor:
+        """Extract per-task gradients from the attached model, update the EMA, return a copy of ``A``."""
+        if self._model_ref is None:
+            raise ValueError("measure needs attach(model) first (or call extract_gradients + update)")
+        roots = loss_roots(task_losses, self.n_tasks)
+        mask = as_presence(present, self.n_tasks, roots[0].device)
+        gradients = self.extract_gradients(task_losses, present=mask)
+        return self.update(gradients, mask).clone()
+
+    def forward(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:  # noqa: D401
+        """Same as :meth:`measure`."""
+        return self.measure(task_losses, present)

@@ -1,0 +1,304 @@
+r"""CGC and PLE: customized gate control and progressive layered extraction (Tang et al., 2020,
+:cite:`tang2020progressive`).
+
+**One extraction level (CGC).** A level holds :math:`n_s` shared experts
+:math:`S_1, \dots, S_{n_s}` and, for each task :math:`k`, :math:`n_k` task experts
+:math:`T_{k,1}, \dots, T_{k,n_k}` (the counts are independent; :math:`n_s + n_k \ge 1`).
+Task :math:`k`'s gate sees only the shared experts and its own:
+
+.. math::
+
+    \mathcal E_k = (S_1, \dots, S_{n_s}, T_{k,1}, \dots, T_{k,n_k}), \qquad
+    g_k(u_k) = \operatorname{softmax}(W_k u_k) \in \Delta^{n_s + n_k - 1},
+
+    f_k = \sum_{i=1}^{n_s + n_k} g_k(u_k)_i \, \mathcal E_{k,i} \qquad \text{(mixture)},
+
+where shared experts read the shared input :math:`u_s` and task :math:`k`'s experts and
+gate read the task input :math:`u_k`. A *shared* gate weighs every expert of the level,
+
+.. math::
+
+    \mathcal E_s = (S_1, \dots, S_{n_s}, T_{1,1}, \dots, T_{K,n_K}), \qquad
+    f_s = \sum_i \operatorname{softmax}(W_s u_s)_i \, \mathcal E_{s,i}.
+
+**PLE** stacks :math:`L` levels. Level 0 reads :math:`u_s^{(0)} = u_k^{(0)} = x`; level
+:math:`l > 0` reads the previous level's outputs, :math:`u_s^{(l)} = f_s^{(l-1)}` and
+:math:`u_k^{(l)} = f_k^{(l-1)}`. Every level but the last has a shared gate (it feeds the
+next level's shared experts); the last level has none, because nothing reads
+:math:`f_s^{(L-1)}`. The towers read the last level: :math:`y_k = h_k(f_k^{(L-1)})`. CGC is
+PLE with :math:`L = 1`. Through the shared gates, task :math:`j`'s experts below the last
+level do feed task :math:`k`'s tower; only the last level's task experts are private.
+
+**Block attention** (``combine="block"``). Experts may then have different output widths
+(``shared_expert_dims``); each gate concatenates its experts' outputs, block :math:`i`
+scaled by :math:`g_i \sqrt{\bar d / d_i}` (see :mod:`mtlbook.models.gates` for the width
+correction and why), so the output width is the sum of the experts' widths.
+
+Gate weights are keyed ``"level{l}/{task}"`` and ``"level{l}/shared"``; their experts are
+labelled ``shared[i]`` and ``{task}[j]`` in ``gate_expert_names``. ``shared_experts`` lists
+the shared experts of every level; ``shared_outputs`` and ``last_shared_layers()`` refer to
+the last level's.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlbook.data.batch import TaskSpec
+from mtlbook.models._validation import (
+    check_dropout,
+    check_int,
+    check_per_expert_widths,
+    check_task_expert_counts,
+    check_widths,
+)
+from mtlbook.models.base import MultiTaskModel, _LastForward
+from mtlbook.models.experts import Expert
+from mtlbook.models.gates import SoftmaxGate, block_scales, concat_blocks, mix_experts
+
+COMBINE_MODES = ("mixture", "block")
+
+
+class ExtractionLevel(nn.Module):
+    """One CGC level: shared experts, per-task experts, per-task gates and an optional shared gate.
+
+    Args:
+        shared_in: width of the shared input ``u_s`` (may be None when there are no shared experts).
+        task_ins: width of each task's input ``u_k``, in task order.
+        shared_hidden: hidden widths of each shared expert (one tuple per shared expert).
+        shared_dims: output width of each shared expert.
+        n_task_experts: number of task experts per task.
+        task_hidden: hidden widths of every task expert.
+        task_dim: output width of every task expert.
+        dropout: dropout inside the experts.
+        combine: ``"mixture"`` (weighted sum; all widths equal) or ``"block"``.
+        shared_gate: whether the level computes ``f_s`` (every PLE level but the last).
+
+    ``forward(u_s, [u_k])`` returns ``(f_s or None, [f_k], [S_i(u_s)], {gate: weights})``
+    with gate keys ``"shared"`` and the task indices as strings.
+    """
+
+    def __init__(
+        self,
+        shared_in: int | None,
+        task_ins: Sequence[int],
+        shared_hidden: Sequence[Sequence[int]],
+        shared_dims: Sequence[int],
+        n_task_experts: Sequence[int],
+        task_hidden: Sequence[int],
+        task_dim: int,
+        dropout: float,
+        combine: str,
+        shared_gate: bool,
+    ) -> None:
+        super().__init__()
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        self.combine = combine
+        n_shared = len(shared_dims)
+        self.shared_experts = nn.ModuleList(
+            Expert(shared_in, d, h, dropout) for h, d in zip(shared_hidden, shared_dims)
+        )
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(Expert(d_in, task_dim, task_hidden, dropout) for _ in range(n))
+            for d_in, n in zip(task_ins, n_task_experts)
+        )
+        self.task_gates = nn.ModuleList(
+            SoftmaxGate(d_in, n_shared + n) for d_in, n in zip(task_ins, n_task_experts)
+        )
+        self.shared_gate = SoftmaxGate(shared_in, n_shared + sum(n_task_experts)) if shared_gate else None
+
+        # expert widths seen by each gate, in gate order: shared experts first
+        task_widths = [list(shared_dims) + [task_dim] * n for n in n_task_experts]
+        shared_widths = list(shared_dims) + [task_dim] * sum(n_task_experts)
+        if combine == "block":
+            self.task_scales = [block_scales(w) for w in task_widths]
+            self.shared_scales = block_scales(shared_widths) if shared_gate else ()
+            self.task_out_dims = [sum(w) for w in task_widths]
+            self.shared_out_dim = sum(shared_widths) if shared_gate else None
+        else:
+            if len(set(shared_widths)) > 1:
+                raise ValueError(
+                    f"combine='mixture' needs every expert to have width expert_dim={task_dim}, got widths "
+                    f"{sorted(set(shared_widths))}; use combine='block' for experts of different output widths"
+                )
+            self.task_scales = [()] * len(task_ins)
+            self.shared_scales = ()
+            self.task_out_dims = [task_dim] * len(task_ins)
+            self.shared_out_dim = task_dim if shared_gate else None
+
+    def _combine(self, weights: Tensor, outputs: list[Tensor], scales: Sequence[float]) -> Tensor:
+        if self.combine == "block":
+            return concat_blocks(weights, outputs, scales)
+        return mix_experts(weights, torch.stack(outputs, dim=1))
+
+    def forward(
+        self, shared_input: Tensor | None, task_inputs: Sequence[Tensor]
+    ) -> tuple[Tensor | None, list[Tensor], list[Tensor], dict[str, Tensor]]:
+        shared_outputs = [expert(shared_input) for expert in self.shared_experts]
+        task_outputs = [[expert(u) for expert in experts] for experts, u in zip(self.task_experts, task_inputs)]
+        weights: dict[str, Tensor] = {}
+        task_features = []
+        for k, (gate, u) in enumerate(zip(self.task_gates, task_inputs)):
+            w = gate(u)
+            weights[str(k)] = w
+            task_features.append(self._combine(w, shared_outputs + task_outputs[k], self.task_scales[k]))
+        shared_feature = None
+        if self.shared_gate is not None:
+            w = self.shared_gate(shared_input)
+            weights["shared"] = w
+            every_expert = shared_outputs + [t for outs in task_outputs for t in outs]
+            shared_feature = self._combine(w, every_expert, self.shared_scales)
+        return shared_feature, task_features, shared_outputs, weights
+
+
+class PLE(MultiTaskModel):
+    """Progressive layered extraction: ``n_levels`` CGC levels under per-task towers.
+
+    Args:
+        n_features: input width (>= 1).
+        task_specs: the tasks (no task may be called ``"shared"``, the shared gate's key).
+        n_levels: number of extraction levels (>= 1).
+        n_shared_experts: shared experts per level (>= 0).
+        n_task_experts: task experts per level, one int for every task or a mapping
+            ``{task: int}`` naming every task (>= 0 each); each task needs
+            ``n_shared_experts + n_task_experts[task] >= 1``.
+        expert_hidden: hidden widths of every task expert, and of every shared expert unless
+            ``shared_expert_hidden`` is given.
+        expert_dim: output width of the task experts, and of the shared experts unless
+            ``shared_expert_dims`` is given (>= 1).
+        tower_hidden: hidden widths of each tower.
+        dropout: dropout in experts and towers, in [0, 1).
+        gate_entropy_weight: weight of the gate-entropy regulariser (see
+            :mod:`mtlbook.models.base`).
+        combine: ``"mixture"`` (weighted sum, the paper's CGC) or ``"block"`` (block
+            attention over experts of different widths).
+        shared_expert_hidden: hidden widths per shared expert, one tuple for all or one per
+            shared expert, e.g. ``[(16,), (128, 64)]`` (heterogeneous pool).
+        shared_expert_dims: output width per shared expert (``n_shared_experts`` ints).
+            With ``"mixture"`` they must all equal ``expert_dim`` (the experts' last layer is
+            the projection to the common width); ``"block"`` allows any widths.
+        check_finite: reject NaN/inf inputs.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        task_specs: Sequence[TaskSpec],
+        *,
+        n_levels: int = 2,
+        n_shared_experts: int = 2,
+        n_task_experts: int | Mapping[str, int] = 1,
+        expert_hidden: Sequence[int] = (64,),
+        expert_dim: int = 32,
+        tower_hidden: Sequence[int] = (32,),
+        dropout: float = 0.0,
+        gate_entropy_weight: float = 0.0,
+        combine: str = "mixture",
+        shared_expert_hidden: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        shared_expert_dims: Sequence[int] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite)
+        if "shared" in self.task_names:
+            raise ValueError('task_specs: the task name "shared" is reserved for the shared gate; rename the task')
+        self.n_levels = check_int(n_levels, "n_levels", 1)
+        self.n_shared_experts = check_int(n_shared_experts, "n_shared_experts", 0)
+        self.n_task_experts = check_task_expert_counts(n_task_experts, self.task_names)
+        empty = [t for t, n in zip(self.task_names, self.n_task_experts) if self.n_shared_experts + n == 0]
+        if empty:
+            raise ValueError(
+                f"tasks {empty} would have zero experts: n_shared_experts + n_task_experts[task] must be >= 1"
+            )
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        self.combine = combine
+        expert_dim = check_int(expert_dim, "expert_dim", 1)
+        dropout = check_dropout(dropout)
+        task_hidden = check_widths(expert_hidden, "expert_hidden")
+        n_s = self.n_shared_experts
+        shared_hidden = (
+            [task_hidden] * n_s
+            if shared_expert_hidden is None
+            else check_per_expert_widths(shared_expert_hidden, n_s, "shared_expert_hidden")
+        )
+        if shared_expert_dims is None:
+            shared_dims = [expert_dim] * n_s
+        else:
+            shared_dims = list(check_widths(shared_expert_dims, "shared_expert_dims"))
+            if len(shared_dims) != n_s:
+                raise ValueError(
+                    f"shared_expert_dims gives {len(shared_dims)} widths, expected n_shared_experts={n_s}"
+                )
+
+        levels = []
+        shared_in, task_ins = n_features, [n_features] * len(self.task_names)
+        for level in range(self.n_levels):
+            has_shared_gate = level < self.n_levels - 1 and n_s > 0
+            layer = ExtractionLevel(
+                shared_in, task_ins, shared_hidden, shared_dims, self.n_task_experts,
+                task_hidden, expert_dim, dropout, combine, has_shared_gate,
+            )  # fmt: skip
+            levels.append(layer)
+            shared_in, task_ins = layer.shared_out_dim, layer.task_out_dims
+        self.levels = nn.ModuleList(levels)
+        self._label_gates()
+        self._build_towers(task_ins, check_widths(tower_hidden, "tower_hidden"), dropout)
+
+    def _label_gates(self) -> None:
+        shared = [f"shared[{i}]" for i in range(self.n_shared_experts)]
+        own = {t: [f"{t}[{j}]" for j in range(n)] for t, n in zip(self.task_names, self.n_task_experts)}
+        names: dict[str, tuple[str, ...]] = {}
+        for level, layer in enumerate(self.levels):
+            for t in self.task_names:
+                names[f"level{level}/{t}"] = tuple(shared + own[t])
+            if layer.shared_gate is not None:
+                names[f"level{level}/shared"] = tuple(shared + [e for t in self.task_names for e in own[t]])
+        self.gate_expert_names = names
+
+    @property
+    def shared_experts(self) -> nn.ModuleList:
+        return nn.ModuleList(e for layer in self.levels for e in layer.shared_experts)
+
+    def _last_shared_experts(self) -> list[Expert]:
+        return list(self.levels[-1].shared_experts)
+
+    def _task_features(self, x: Tensor, record: _LastForward) -> list[Tensor]:
+        shared_input: Tensor | None = x
+        task_inputs = [x] * len(self.task_names)
+        for level, layer in enumerate(self.levels):
+            shared_input, task_inputs, shared_outputs, weights = layer(shared_input, task_inputs)
+            for key, w in weights.items():
+                name = "shared" if key == "shared" else self.task_names[int(key)]
+                record.gate_weights[f"level{level}/{name}"] = w
+            record.shared_outputs = shared_outputs
+        return task_inputs
+
+
+class CGC(PLE):
+    """A single extraction level (PLE with ``n_levels=1``): per-task gates, no shared gate.
+
+    Takes the arguments of :class:`PLE` except ``n_levels``.
+    """
+
+    def __init__(self, n_features: int, task_specs: Sequence[TaskSpec], **kwargs) -> None:
+        if "n_levels" in kwargs:
+            raise TypeError("CGC has exactly one level; use PLE(n_levels=...) for more")
+        super().__init__(n_features, task_specs, n_levels=1, **kwargs)
+
+
+class BlockAttentionCGC(CGC):
+    """CGC whose gates concatenate width-corrected expert blocks (``combine="block"``).
+
+    Takes the arguments of :class:`CGC` except ``combine``; set ``shared_expert_dims`` for
+    shared experts of different widths. Tower ``k`` reads a vector of width
+    ``sum(shared_expert_dims) + n_task_experts[k] * expert_dim``.
+    """
+
+    def __init__(self, n_features: int, task_specs: Sequence[TaskSpec], **kwargs) -> None:
+        if "combine" in kwargs:
+            raise TypeError("BlockAttentionCGC always uses combine='block'; use CGC(combine=...) to choose")
+        super().__init__(n_features, task_specs, combine="block", **kwargs)
