@@ -1,0 +1,12 @@
+"""Shared test set-up.
+
+Tiny models run faster on one thread, and one thread keeps timings stable on a shared
+2-core machine; results do not depend on it.
+"""
+
+import os
+
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("MPLBACKEND", "Agg")
