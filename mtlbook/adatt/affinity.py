@@ -459,10 +459,14 @@ class TaskAffinityComputer(nn.Module):
         present: Tensor | Sequence[bool] | None = None,
         *,
         cosine: Tensor | None = None,
+        observed_pairs: Tensor | None = None,
     ) -> Tensor:
         """Fold one measurement into the EMA and return the affinity buffer.
 
         Pass either ``gradients`` ``[n, d]`` (cosine computed here) or ``cosine`` ``[n, n]``.
+        ``observed_pairs`` (bool ``[n, n]``, optional) further restricts which pairs are
+        folded in: a cosine averaged over the ranks of a distributed run may know a pair only
+        where both tasks met on some rank, which is not always every pair of present tasks.
         For every pair (i, j) with both tasks observed in this measurement:
 
         .. math::
@@ -493,6 +497,14 @@ class TaskAffinityComputer(nn.Module):
                 raise ValueError(f"cosine must have shape [{n}, {n}], got {tuple(getattr(cosine, 'shape', ()))}")
             current = cosine.detach().to(device=device, dtype=self.affinity.dtype)
         pair = observed[:, None] & observed[None, :]
+        if observed_pairs is not None:
+            if (
+                not isinstance(observed_pairs, Tensor)
+                or observed_pairs.dtype != torch.bool
+                or observed_pairs.shape != (n, n)
+            ):
+                raise ValueError(f"observed_pairs must be a bool tensor of shape [{n}, {n}] or None")
+            pair = pair & observed_pairs.to(device)
         blended = self.ema_decay * self.affinity + (1.0 - self.ema_decay) * current
         new = torch.where(pair & self.pair_observed, blended, self.affinity)
         new = torch.where(pair & ~self.pair_observed, current, new)

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from mtlbook.losses import LOSSES
 
 __all__ = [
+    "ADATT_SYNC_MODES",
     "AMP_MODES",
     "BALANCER_NAMES",
     "EARLY_STOPPING_MODES",
@@ -34,10 +35,18 @@ BALANCER_NAMES: tuple[str, ...] = ("equal", "uncertainty", "gradnorm", "dwa", "p
 AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
 #: ``"auto"`` = ``"max"`` for AUC and accuracy monitors, ``"min"`` for losses and RMSE.
 EARLY_STOPPING_MODES: tuple[str, ...] = ("auto", "min", "max")
+#: How adaTT's affinity is made identical on every rank of a distributed run (see
+#: :mod:`mtlbook.train.distributed`): ``"exact"`` all-reduces the per-task gradients,
+#: ``"cheap"`` all-reduces each rank's cosine matrix.
+ADATT_SYNC_MODES: tuple[str, ...] = ("exact", "cheap")
 
 # Fields that may change between an interrupted run and its resumption: they steer where
 # and how loudly a run reports, not what it computes.
-RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({"progress", "checkpoint_dir", "checkpoint_every", "device"})
+RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
+    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters"}
+)
+#: Fields added after checkpoints already existed, with the value an older checkpoint implies.
+CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
@@ -139,6 +148,14 @@ class TrainerConfig:
         seed: seeds torch, numpy and ``random`` when a fresh ``fit`` starts (``None``: leave
             the global RNGs alone); also seeds the loader ``fit`` builds from a dataset.
         progress: show tqdm progress bars.
+    Distributed runs (``torchrun``; ignored in a single process, see :mod:`mtlbook.train.distributed`)
+        adatt_sync: ``"exact"`` (all-reduce the per-task gradients ``[n_tasks, d]`` before
+            the cosine: the affinity of the global batch) or ``"cheap"`` (all-reduce the
+            per-rank cosine matrices ``[n_tasks, n_tasks]``: an average of local affinities).
+        ddp_find_unused_parameters: passed to ``DistributedDataParallel``. Leave it False
+            for mtlbook models (every trainable parameter gets a gradient, also from a task
+            without targets in the batch); set it for a custom model whose forward skips
+            trainable parameters on some batches.
     """
 
     phase1_epochs: int = 15
@@ -176,6 +193,8 @@ class TrainerConfig:
     checkpoint_every: int = 1
     seed: int | None = 0
     progress: bool = True
+    adatt_sync: str = "exact"
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self.phase1_epochs, "phase1_epochs", 0)
@@ -257,6 +276,10 @@ class TrainerConfig:
             _check_int(self.seed, "seed", 0)
         if not isinstance(self.progress, bool):
             _fail("progress", "a bool", self.progress)
+        if self.adatt_sync not in ADATT_SYNC_MODES:
+            _fail("adatt_sync", f"one of {ADATT_SYNC_MODES}", self.adatt_sync)
+        if not isinstance(self.ddp_find_unused_parameters, bool):
+            _fail("ddp_find_unused_parameters", "a bool", self.ddp_find_unused_parameters)
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -54,9 +54,13 @@ generator, phase, epoch, step, early stopping, history), are written atomically 
 loaded with ``torch.load(weights_only=True)``. A checkpoint of another model or another
 configuration is refused.
 
-**Multi-process later.** Everything only one process should do (checkpoint writes,
-progress bars, warnings) is behind :attr:`Trainer.is_main_process`, and every reduction of
-per-epoch metrics goes through :meth:`Trainer._reduce_metrics`.
+**Multi-process.** Under ``torchrun`` (world size > 1) the trainer joins the process
+group, wraps the model in ``DistributedDataParallel``, shards a dataset with a
+``DistributedSampler`` (``set_epoch`` every epoch), averages the balancer's and adaTT's
+gradients itself, keeps adaTT's affinity identical on every rank
+(``config.adatt_sync``), reduces every metric over the ranks, and lets only rank 0
+(:attr:`Trainer.is_main_process`) write checkpoints, warn and show progress; see
+:mod:`mtlbook.train.distributed`. In a single process none of this runs.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from mtlbook.balancing import build_balancer
+from mtlbook.balancing import PCGrad, build_balancer
 from mtlbook.data.batch import Batch, MultiTaskDataset, make_loader
 from mtlbook.losses import LOSS_TASK_KINDS, present_tasks, task_losses
 from mtlbook.train.checkpoint import (
@@ -87,7 +92,18 @@ from mtlbook.train.checkpoint import (
     model_fingerprint,
     restore_rng_state,
 )
-from mtlbook.train.config import RESUME_MUTABLE_FIELDS, TrainerConfig
+from mtlbook.train.config import CONFIG_FIELDS_ADDED_LATER, RESUME_MUTABLE_FIELDS, TrainerConfig
+from mtlbook.train.distributed import (
+    DistributedContext,
+    ShardSampler,
+    any_rank,
+    average_gradients,
+    broadcast_tensors,
+    gather_objects,
+    init_distributed,
+    measure_affinity,
+    sum_over_ranks,
+)
 from mtlbook.train.history import History
 from mtlbook.train.metrics import METRIC_FOR_KIND, task_metric
 from mtlbook.train.schedules import build_phase1_scheduler, build_phase2_scheduler
@@ -222,6 +238,9 @@ class Trainer:
             ``scaler`` is ``None`` unless fp16 autocast is used).
         phase, phase_epoch, epoch, step: current phase (1 or 2), epochs finished in it,
             epochs finished in total, optimizer steps taken.
+        distributed: the :class:`~mtlbook.train.distributed.DistributedContext` of a
+            multi-process run (``None`` in a single process). ``config.batch_size`` is then
+            the batch of *one* rank; the global batch is ``world_size`` times larger.
     """
 
     def __init__(self, model: nn.Module, config: TrainerConfig | None = None, adatt: nn.Module | None = None) -> None:
@@ -238,9 +257,9 @@ class Trainer:
         self.task_names = tuple(model.task_names)
         self._check_config_against_model(model)
 
-        self.device = torch.device(config.device) if config.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
+        # None unless torchrun (or the caller) set up a process group of several ranks
+        self.distributed: DistributedContext | None = init_distributed(device=config.device)
+        self.device = self._resolve_device()
         self.amp_dtype = self._resolve_amp()
         if self.device.type == "cuda":
             # TF32 matmuls and cuDNN autotuning: the cheap speed-ups (no torch.compile).
@@ -302,8 +321,22 @@ class Trainer:
         # What phase 2 changed, so it can be undone (and resumed).
         self._phase2_undo: dict[str, Any] | None = None
         self._loader_generator: torch.Generator | None = None
+        # DistributedDataParallel wrapper of the model, rebuilt whenever trainability changes
+        self._ddp: nn.Module | None = None
+        self._ddp_signature: tuple[bool, ...] | None = None
+        self._grads_unsynced = False  # a no_sync backward left local gradients in .grad
 
     # ------------------------------------------------------------------ setup helpers
+    def _resolve_device(self) -> torch.device:
+        requested = self.config.device
+        if self.distributed is not None and self.distributed.backend == "nccl":
+            # one GPU per rank: cuda:LOCAL_RANK, whatever "cuda" index was configured
+            if requested is not None and not requested.startswith("cuda"):
+                raise ValueError(f"TrainerConfig.device={requested!r} does not fit the nccl backend (CUDA only)")
+            return torch.device("cuda", self.distributed.local_rank)
+        if requested:
+            return torch.device(requested)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     def _check_config_against_model(self, model: nn.Module) -> None:
         cfg, names = self.config, set(self.task_names)
         kinds = {s.name: s.kind for s in self.task_specs}
@@ -344,8 +377,16 @@ class Trainer:
 
     @property
     def is_main_process(self) -> bool:
-        """True in the process that writes checkpoints, shows progress and warns (always, for now)."""
-        return True
+        """True in the process that writes checkpoints, shows progress and warns (rank 0)."""
+        return self.distributed is None or self.distributed.is_main
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.distributed is None else self.distributed.rank
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.distributed is None else self.distributed.world_size
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -486,6 +527,8 @@ class Trainer:
             if tuple(data.task_names) != self.task_names:
                 raise ValueError(f"dataset tasks {data.task_names} must equal the model's {self.task_names}")
             batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+            if self.distributed is not None:
+                return self._distributed_loader(data, batch_size, train)
             return make_loader(data, batch_size=batch_size, shuffle=train, seed=cfg.seed or 0)
         if isinstance(data, DataLoader):
             return data
@@ -498,6 +541,73 @@ class Trainer:
         if iterator is data:
             raise TypeError("data must be re-iterable (a list of Batch, a DataLoader...), not a one-shot iterator")
         return data
+
+    def _distributed_loader(self, data: MultiTaskDataset, batch_size: int, train: bool) -> DataLoader:
+        """This rank's shard: a shuffling ``DistributedSampler`` (even shards) for training,
+        a padding-free :class:`ShardSampler` for evaluation."""
+        assert self.distributed is not None
+        rank, world = self.distributed.rank, self.distributed.world_size
+        if train:
+            seed = self.config.seed or 0
+            sampler: Any = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        else:
+            sampler = ShardSampler(len(data), rank, world)
+        return make_loader(data, batch_size=batch_size, shuffle=False, sampler=sampler)
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _ensure_ddp(self) -> None:
+        """(Re)wrap the model in DDP when the set of trainable parameters changed.
+
+        DDP registers the parameters that require a gradient when it is built; freezing
+        (phase 2, gate co-freeze) or unfreezing afterwards would leave it waiting for
+        gradients that never come, so the wrapper is rebuilt at such a boundary. Building
+        it broadcasts rank 0's parameters and buffers; the balancer's and adaTT's state is
+        broadcast alongside, so every rank starts the stretch from identical state.
+        """
+        if self.distributed is None:
+            return
+        signature = tuple(bool(p.requires_grad) for p in self.model.parameters())
+        if signature == self._ddp_signature:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._ddp = None  # drop the old reducer before the new one registers its hooks
+        if any(signature):
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=device_ids, find_unused_parameters=self.config.ddp_find_unused_parameters
+            )
+        self._ddp_signature = signature
+        extra_state = list(self.balancer.parameters()) + list(self.balancer.buffers())
+        if self.adatt is not None:
+            extra_state += list(self.adatt.parameters()) + list(self.adatt.buffers())
+        broadcast_tensors(extra_state, self.distributed)
+
+    def _forward_module(self) -> nn.Module:
+        return self._ddp if self._ddp is not None else self.model
+
+    def _sync_gradients(self) -> None:
+        """Average over ranks what DDP did not: balancer and adaTT gradients, PCGrad's
+        rewritten shared gradients, and anything left local by a ``no_sync`` window."""
+        assert self.distributed is not None
+        params = [p for p in self.balancer.parameters() if p.requires_grad]
+        if self.adatt is not None:
+            params += [p for p in self.adatt.parameters() if p.requires_grad]
+        if self._ddp is None or self._grads_unsynced:
+            params += [p for p in self.model.parameters() if p.requires_grad]
+        elif isinstance(self.balancer, PCGrad):
+            # PCGrad overwrites the shared gradients after DDP's backward with local surgery
+            params += [p for p in self.model.shared_parameters() if p.requires_grad]
+        average_gradients(params, self.distributed)
+        self._grads_unsynced = False
+
+    def _measure_affinity(self, weighted: Tensor, present: Tensor, batch: Batch) -> None:
+        assert self.adatt is not None
+        if self.distributed is None:
+            self.adatt.measure(weighted, present)
+            return
+        rows = torch.stack([batch.present[t].sum() for t in self.task_names]).to(weighted.device)
+        measure_affinity(self.adatt, weighted, rows, self.distributed, self.config.adatt_sync)
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_data: Any, val_data: Any = None, resume_from: str | os.PathLike[str] | None = None) -> History:
@@ -596,6 +706,11 @@ class Trainer:
             "gates_frozen": bool(self.model.gates_frozen),
             "lr": {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups},
         }
+        if self.distributed is not None:
+            self._ensure_ddp()
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)  # a new shuffle every epoch, the same on every rank
         counters = {"skipped_nan": 0, "skipped_oom": 0, "amp_overflow": 0, "steps": 0, "batches": 0}
         grad_norms: list[float] = []
         sums = _MetricSums(self.task_specs, self.device)
@@ -664,6 +779,7 @@ class Trainer:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         self._micro_batches = 0
+        self._grads_unsynced = False
         counters[key] += 1
 
     def _train_batch(self, batch: Batch, sums: _MetricSums, counters: dict[str, int], grad_norms: list[float]) -> None:
@@ -672,36 +788,44 @@ class Trainer:
         step_index = self.batches_seen
         self.batches_seen += 1
         counters["batches"] += 1
+        # DDP: only the last micro-batch of an accumulation window all-reduces gradients
+        syncs = self._micro_batches + 1 >= cfg.accumulation_steps
+        window = self._ddp.no_sync() if self._ddp is not None and not syncs else contextlib.nullcontext()
         try:
-            with self._autocast():
-                outputs = self.model(batch.inputs)
-                raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
-            present = present_tasks(batch, self.task_names)
-            fixed = raw.float() * self._fixed_weights  # stage 2: fixed weights c_i
-            weighted = self.balancer.weight_losses(fixed, present)  # stage 3: balancer
-            if not bool(torch.isfinite(weighted).all()):
-                self._skip(counters, "skipped_nan")
-                return
-            final = weighted
-            if self.adatt_active:  # stage 4: measure on this very forward pass, then transfer
-                if self.adatt.should_measure(step_index):
-                    self.adatt.measure(weighted, present)
-                final = self.adatt.compute_transfer_loss(weighted, present=present)
-            objective = final.sum()
-            if self._gate_weight != 0.0:  # stage 5: gate-entropy regulariser -lambda_H * H_gate
-                objective = objective - self._gate_weight * self.model.gate_entropy().float()
-            if not bool(torch.isfinite(objective)):
-                self._skip(counters, "skipped_nan")
-                return
-            k = float(cfg.accumulation_steps)
-            self.balancer.backward(
-                objective / k,
-                weighted / k,
-                self.model.shared_parameters(),
-                scale=None if self.scaler is None else self.scaler.scale,
-            )
+            with window:
+                with self._autocast():
+                    outputs = self._forward_module()(batch.inputs)
+                    raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
+                present = present_tasks(batch, self.task_names)
+                fixed = raw.float() * self._fixed_weights  # stage 2: fixed weights c_i
+                weighted = self.balancer.weight_losses(fixed, present)  # stage 3: balancer
+                # any_rank: a batch skipped on one rank is skipped on all (collectives stay paired)
+                if any_rank(not bool(torch.isfinite(weighted).all()), self.distributed):
+                    self._skip(counters, "skipped_nan")
+                    return
+                final = weighted
+                if self.adatt_active:  # stage 4: measure on this very forward pass, then transfer
+                    if self.adatt.should_measure(step_index):
+                        self._measure_affinity(weighted, present, batch)
+                    final = self.adatt.compute_transfer_loss(weighted, present=present)
+                objective = final.sum()
+                if self._gate_weight != 0.0:  # stage 5: gate-entropy regulariser -lambda_H * H_gate
+                    objective = objective - self._gate_weight * self.model.gate_entropy().float()
+                if any_rank(not bool(torch.isfinite(objective)), self.distributed):
+                    self._skip(counters, "skipped_nan")
+                    return
+                k = float(cfg.accumulation_steps)
+                self.balancer.backward(
+                    objective / k,
+                    weighted / k,
+                    self.model.shared_parameters(),
+                    scale=None if self.scaler is None else self.scaler.scale,
+                )
+                if self._ddp is not None:
+                    self._grads_unsynced = not syncs
         except Exception as error:  # noqa: BLE001 - only OOM is swallowed, the rest re-raised
-            if not is_out_of_memory(error):
+            # under DDP the other ranks are already inside collectives: no recovery possible
+            if not is_out_of_memory(error) or self.distributed is not None:
                 raise
             outputs = raw = None  # release what the failed step held
             if self.device.type == "cuda":
@@ -717,6 +841,8 @@ class Trainer:
         """Unscale, check and clip the gradients, then step (or skip if they are not finite)."""
         assert self.optimizer is not None
         self._micro_batches = 0
+        if self.distributed is not None:
+            self._sync_gradients()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -745,6 +871,9 @@ class Trainer:
             counters["steps"] += 1
             grad_norms.append(float(norm))
         self.optimizer.zero_grad(set_to_none=True)
+        if self.distributed is not None and any(True for _ in self.balancer.buffers()):
+            # e.g. GradNorm updates its weights from local gradient norms: rank 0's copy wins
+            broadcast_tensors(list(self.balancer.buffers()), self.distributed)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -753,6 +882,8 @@ class Trainer:
 
         Returns a flat dict: ``"loss"`` (sum of fixed-weighted task losses), and per task
         ``"<task>/loss"`` plus ``"<task>/auc"``, ``"<task>/rmse"`` or ``"<task>/accuracy"``.
+        Distributed: a collective (call it on every rank); a dataset is sharded without
+        padding and the metrics are those of all its rows, identical on every rank.
         """
         loader = self._as_loader(data, train=False)
         was_training = self.model.training
@@ -770,10 +901,19 @@ class Trainer:
         return self._reduce_metrics(sums)
 
     def _reduce_metrics(self, sums: _MetricSums) -> dict[str, float]:
-        """Turn one pass's sums into the flat metric dict (the single place to all-reduce later)."""
+        """Turn one pass's sums into the flat metric dict, reduced over every rank.
+
+        Distributed: loss sums and row counts are all-reduced; the raw outputs, targets and
+        masks behind AUC / RMSE / accuracy are gathered from every rank, so the metrics are
+        those of all rows together (a collective: every rank must call it).
+        """
         metrics: dict[str, float] = {}
-        rows = sums.rows.cpu()
-        mean = (sums.loss_sum.cpu() / rows.clamp(min=1)).tolist()
+        loss_sum, rows = sums.loss_sum, sums.rows
+        if self.distributed is not None:
+            loss_sum, rows = sum_over_ranks(torch.stack([loss_sum, rows]), self.distributed).unbind(0)
+            sums = self._gather_metric_rows(sums)
+        rows = rows.cpu()
+        mean = (loss_sum.cpu() / rows.clamp(min=1)).tolist()
         total, any_rows = 0.0, False
         for i, spec in enumerate(self.task_specs):
             if rows[i] > 0:
@@ -797,6 +937,24 @@ class Trainer:
                     metrics[key] = math.nan
         metrics["loss"] = total if any_rows else math.nan
         return metrics
+
+    def _gather_metric_rows(self, sums: _MetricSums) -> _MetricSums:
+        """A copy of ``sums`` whose outputs/targets/masks hold every rank's rows."""
+        assert self.distributed is not None
+        local = {
+            name: (torch.cat(sums.outputs[name]), torch.cat(sums.targets[name]), torch.cat(sums.present[name]))
+            if sums.outputs[name]
+            else None
+            for name in sums.outputs
+        }
+        gathered = _MetricSums(self.task_specs, torch.device("cpu"))
+        for rank_rows in gather_objects(local, self.distributed):
+            for name, triple in rank_rows.items():
+                if triple is not None:
+                    gathered.outputs[name].append(triple[0])
+                    gathered.targets[name].append(triple[1])
+                    gathered.present[name].append(triple[2])
+        return gathered
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict[str, Any]:
@@ -842,10 +1000,16 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path | None:
-        """Write :meth:`state_dict` atomically to ``path`` (main process only); returns the path."""
-        if not self.is_main_process:
-            return None
-        return atomic_save(self.state_dict(), path)
+        """Write :meth:`state_dict` atomically to ``path`` (main process only); returns the path.
+
+        Distributed: call it on every rank. Rank 0 writes (the others return ``None``) and
+        all ranks wait at a barrier, so the file is complete before any rank goes on (and
+        may, for instance, resume from it).
+        """
+        written = atomic_save(self.state_dict(), path) if self.is_main_process else None
+        if self.distributed is not None:
+            self.distributed.barrier()
+        return written
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` for this model and config.
@@ -860,7 +1024,10 @@ class Trainer:
         """Inverse of :meth:`state_dict`; see :meth:`load_checkpoint`."""
         if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not an mtlbook trainer checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-        check_fingerprint(state["fingerprint"], self._fingerprint(), ignore=RESUME_MUTABLE_FIELDS)
+        stored = dict(state["fingerprint"])
+        # a checkpoint written before a config field existed implies that field's old default
+        stored["config"] = {**CONFIG_FIELDS_ADDED_LATER, **dict(stored.get("config", {}))}
+        check_fingerprint(stored, self._fingerprint(), ignore=RESUME_MUTABLE_FIELDS)
         self.model.load_state_dict(state["model"])
         if self.adatt is not None:
             self.adatt.load_state_dict(state["adatt"])
