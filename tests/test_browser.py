@@ -23,7 +23,10 @@ SHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 # Pages with explorers: (page path, how many explorers at least).
-EXPLORER_PAGES = [("book/01_toy_simulator.html", 1)]
+EXPLORER_PAGES = [
+    ("book/01_toy_simulator.html", 1),
+    ("book/06_select_and_regulate.html", 1),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,12 @@ def _visible_explorer_images(page, explorer) -> list[str]:
 def test_math_is_typeset(browser, site_url, path, _n):
     page, external = _open(browser, f"{site_url}/{path}")
     page.wait_for_selector("mjx-container", timeout=20000)
-    text = page.inner_text("article")
+    # prose only: code listings (show_source) may legitimately contain TeX in docstrings
+    text = page.evaluate(
+        """() => { const a = document.querySelector('article').cloneNode(true);
+                   a.querySelectorAll('pre, code, .highlight, script').forEach(e => e.remove());
+                   return a.innerText; }"""
+    )
     for raw in ("$$", "\\begin{", "\\frac"):
         assert raw not in text, f"raw TeX {raw!r} left in the text of {path}"
     assert page.locator("mjx-container").count() > 0, "no typeset math on the page"
@@ -99,16 +107,21 @@ def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
     for k in range(explorers.count()):
         explorer = explorers.nth(k)
         explorer.scroll_into_view_if_needed()
-        before = _visible_explorer_images(page, explorer)
-        assert before, f"explorer {k} on {path} shows no figure"
-        handle = explorer.locator(".noUi-handle").first
-        value_before = handle.get_attribute("aria-valuenow")
-        handle.focus()
-        for _ in range(3):
-            page.keyboard.press("ArrowRight")
-        page.wait_for_timeout(300)
-        after = _visible_explorer_images(page, explorer)
-        assert handle.get_attribute("aria-valuenow") != value_before, "the slider did not move"
-        assert after and after != before, f"moving the slider of explorer {k} on {path} did not change the figure"
+        handles = explorer.locator(".noUi-handle")
+        for h in range(handles.count()):  # every slider of the explorer must switch the figure
+            before = _visible_explorer_images(page, explorer)
+            assert before, f"explorer {k} on {path} shows no figure"
+            handle = handles.nth(h)
+            value_before = handle.get_attribute("aria-valuenow")
+            handle.focus()
+            at_max = value_before == handle.get_attribute("aria-valuemax")
+            for _ in range(2):
+                page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+            page.wait_for_timeout(300)
+            after = _visible_explorer_images(page, explorer)
+            assert handle.get_attribute("aria-valuenow") != value_before, f"slider {h} did not move"
+            assert after and after != before, (
+                f"moving slider {h} of explorer {k} on {path} did not change the figure"
+            )
         explorer.screenshot(path=str(SHOTS / f"{Path(path).stem}-explorer{k}.png"))
     page.close()

@@ -95,67 +95,119 @@ def _check_expert_dict(value: Any, field_name: str, positive: bool) -> None:
 class TrainerConfig:
     r"""Configuration of :class:`~mtlbook.train.trainer.Trainer`; invalid values raise ``ValueError``.
 
-    Phases
-        phase1_epochs: shared pretraining epochs; everything trains and adaTT is active.
-        phase2_epochs: task finetuning epochs; shared experts and gates are frozen, adaTT is
-            disabled. ``0`` skips the phase.
-    Data (used when ``fit`` receives a :class:`~mtlbook.data.batch.MultiTaskDataset`)
-        batch_size: training batch size.
-        eval_batch_size: validation batch size (``None``: same as ``batch_size``).
-    Optimizer (AdamW)
-        lr, weight_decay, betas: AdamW hyperparameters for every group.
-        expert_lr: ``{shared expert index: lr}`` overrides for that expert's param group.
-        expert_weight_decay: ``{shared expert index: weight decay}`` overrides.
-        grad_clip: max global gradient norm (``None`` disables clipping).
-        accumulation_steps: micro-batches per optimizer step (each loss is divided by it).
-    Schedule (stepped once per epoch; see :mod:`mtlbook.train.schedules`)
-        warmup_epochs: phase-1 linear warmup length.
-        warmup_start_factor: the warmup starts at ``warmup_start_factor * lr`` (both phases).
-        cosine_t0, cosine_t_mult: the warm-restart cosine after the phase-1 warmup.
-        phase2_warmup_epochs: phase-2 linear warmup length, followed by plain cosine.
-        min_lr: the floor of every cosine (``eta_min``).
-    Loss pipeline (per-task loss -> fixed weight -> balancer -> adaTT -> gate entropy)
-        losses: ``{task: loss name}`` from :data:`mtlbook.losses.LOSSES`; unnamed tasks use
-            the default for their kind (binary: bce, regression: mse, multiclass: ce,
-            contrastive: infonce).
-        loss_kwargs: ``{task: {option: value}}`` passed to that task's loss, e.g.
-            ``{"ctr": {"gamma": 2.0, "alpha": 0.25}}``.
-        task_weights: ``{task: fixed weight c_i}`` (default 1).
-        balancing: loss balancer name, one of :data:`BALANCER_NAMES`.
-        balancing_kwargs: extra keyword arguments for the balancer.
-        gate_entropy_weight: :math:`\lambda_H` of the regulariser :math:`-\lambda_H H_{gate}`
-            added to the objective, with :math:`H_{gate} \in [0, 1]` the mean normalised gate
-            entropy (``model.gate_entropy()``). A positive value rewards gates that spread
-            over their experts (against expert collapse), a negative one rewards peaked
-            gates, ``0`` switches it off. The sources give no value; 0.01 keeps the term two
-            orders of magnitude below a typical task loss.
-        adatt: keyword arguments for :class:`~mtlbook.adatt.AdaptiveTaskTransfer` when the
-            trainer should build one itself (``None``: no adaTT unless an instance is passed).
-    Precision and device
-        amp: ``"auto"`` (fp16 + GradScaler on CUDA, off on CPU), ``"off"``, ``"bf16"``
-            (autocast to bfloat16, no scaler; CPU or CUDA) or ``"fp16"`` (CUDA only).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
-    Early stopping (on validation data only; never on test data)
-        monitor: ``"loss"`` (the sum of fixed-weighted validation losses) or
-            ``"<task>/<metric>"`` with metric ``loss``, ``auc``, ``rmse`` or ``accuracy``.
-        mode: ``"min"``, ``"max"`` or ``"auto"``.
-        patience: epochs without improvement before the phase stops (``None``: never stop).
-        min_delta: an improvement must beat the best value by more than this.
-        restore_best: at the end of each phase, load the model weights of its best epoch.
-    Checkpoints and reporting
-        checkpoint_dir: folder for ``last.pt`` (``None``: no automatic checkpoints).
-        checkpoint_every: write a checkpoint every this many epochs.
-        seed: seeds torch, numpy and ``random`` when a fresh ``fit`` starts (``None``: leave
-            the global RNGs alone); also seeds the loader ``fit`` builds from a dataset.
-        progress: show tqdm progress bars.
-    Distributed runs (``torchrun``; ignored in a single process, see :mod:`mtlbook.train.distributed`)
-        adatt_sync: ``"exact"`` (all-reduce the per-task gradients ``[n_tasks, d]`` before
-            the cosine: the affinity of the global batch) or ``"cheap"`` (all-reduce the
-            per-rank cosine matrices ``[n_tasks, n_tasks]``: an average of local affinities).
-        ddp_find_unused_parameters: passed to ``DistributedDataParallel``. Leave it False
-            for mtlbook models (every trainable parameter gets a gradient, also from a task
-            without targets in the batch); set it for a custom model whose forward skips
-            trainable parameters on some batches.
+
+    **Phases**
+
+    ``phase1_epochs``
+        shared pretraining epochs; everything trains and adaTT is active.
+    ``phase2_epochs``
+        task finetuning epochs; shared experts and gates are frozen, adaTT is
+        disabled. ``0`` skips the phase.
+
+    **Data** (used when ``fit`` receives a :class:`~mtlbook.data.batch.MultiTaskDataset`)
+
+    ``batch_size``
+        training batch size.
+    ``eval_batch_size``
+        validation batch size (``None``: same as ``batch_size``).
+
+    **Optimizer (AdamW)**
+
+    ``lr``, ``weight_decay``, ``betas``
+        AdamW hyperparameters for every group.
+    ``expert_lr``
+        ``{shared expert index: lr}`` overrides for that expert's param group.
+    ``expert_weight_decay``
+        ``{shared expert index: weight decay}`` overrides.
+    ``grad_clip``
+        max global gradient norm (``None`` disables clipping).
+    ``accumulation_steps``
+        micro-batches per optimizer step (each loss is divided by it).
+
+    **Schedule** (stepped once per epoch; see :mod:`mtlbook.train.schedules`)
+
+    ``warmup_epochs``
+        phase-1 linear warmup length.
+    ``warmup_start_factor``
+        the warmup starts at ``warmup_start_factor * lr`` (both phases).
+    ``cosine_t0``, ``cosine_t_mult``
+        the warm-restart cosine after the phase-1 warmup.
+    ``phase2_warmup_epochs``
+        phase-2 linear warmup length, followed by plain cosine.
+    ``min_lr``
+        the floor of every cosine (``eta_min``).
+
+    **Loss pipeline (per-task loss -> fixed weight -> balancer -> adaTT -> gate entropy)**
+
+    ``losses``
+        ``{task: loss name}`` from :data:`mtlbook.losses.LOSSES`; unnamed tasks use
+        the default for their kind (binary: bce, regression: mse, multiclass: ce,
+        contrastive: infonce).
+    ``loss_kwargs``
+        ``{task: {option: value}}`` passed to that task's loss, e.g.
+        ``{"ctr": {"gamma": 2.0, "alpha": 0.25}}``.
+    ``task_weights``
+        ``{task: fixed weight c_i}`` (default 1).
+    ``balancing``
+        loss balancer name, one of :data:`BALANCER_NAMES`.
+    ``balancing_kwargs``
+        extra keyword arguments for the balancer.
+    ``gate_entropy_weight``
+        :math:`\lambda_H` of the regulariser :math:`-\lambda_H H_{gate}`
+        added to the objective, with :math:`H_{gate} \in [0, 1]` the mean normalised gate
+        entropy (``model.gate_entropy()``). A positive value rewards gates that spread
+        over their experts (against expert collapse), a negative one rewards peaked
+        gates, ``0`` switches it off. The sources give no value; 0.01 keeps the term two
+        orders of magnitude below a typical task loss.
+    ``adatt``
+        keyword arguments for :class:`~mtlbook.adatt.AdaptiveTaskTransfer` when the
+        trainer should build one itself (``None``: no adaTT unless an instance is passed).
+
+    **Precision and device**
+
+    ``amp``
+        ``"auto"`` (fp16 + GradScaler on CUDA, off on CPU), ``"off"``, ``"bf16"``
+        (autocast to bfloat16, no scaler; CPU or CUDA) or ``"fp16"`` (CUDA only).
+    ``device``
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+
+    **Early stopping (on validation data only; never on test data)**
+
+    ``monitor``
+        ``"loss"`` (the sum of fixed-weighted validation losses) or
+        ``"<task>/<metric>"`` with metric ``loss``, ``auc``, ``rmse`` or ``accuracy``.
+    ``mode``
+        ``"min"``, ``"max"`` or ``"auto"``.
+    ``patience``
+        epochs without improvement before the phase stops (``None``: never stop).
+    ``min_delta``
+        an improvement must beat the best value by more than this.
+    ``restore_best``
+        at the end of each phase, load the model weights of its best epoch.
+
+    **Checkpoints and reporting**
+
+    ``checkpoint_dir``
+        folder for ``last.pt`` (``None``: no automatic checkpoints).
+    ``checkpoint_every``
+        write a checkpoint every this many epochs.
+    ``seed``
+        seeds torch, numpy and ``random`` when a fresh ``fit`` starts (``None``: leave
+        the global RNGs alone); also seeds the loader ``fit`` builds from a dataset.
+    ``progress``
+        show tqdm progress bars.
+
+    **Distributed runs** (``torchrun``; ignored in a single process, see :mod:`mtlbook.train.distributed`)
+
+    ``adatt_sync``
+        ``"exact"`` (all-reduce the per-task gradients ``[n_tasks, d]`` before
+        the cosine: the affinity of the global batch) or ``"cheap"`` (all-reduce the
+        per-rank cosine matrices ``[n_tasks, n_tasks]``: an average of local affinities).
+    ``ddp_find_unused_parameters``
+        passed to ``DistributedDataParallel``. Leave it False
+        for mtlbook models (every trainable parameter gets a gradient, also from a task
+        without targets in the batch); set it for a custom model whose forward skips
+        trainable parameters on some batches.
     """
 
     phase1_epochs: int = 15

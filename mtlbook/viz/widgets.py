@@ -81,7 +81,7 @@ def _slider(labels: list[str], description: str, index: int) -> widgets.Selectio
         description=description,
         continuous_update=True,
         # one fixed label width, so that stacked sliders line up and long labels are not cut
-        style={"description_width": "90px"},
+        style={"description_width": "120px"},
         layout=widgets.Layout(width="480px"),
     )
 

@@ -1,0 +1,61 @@
+"""Run chapter 8's grid (does adaTT help?) and store its results table.
+
+Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
+
+    MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/run_study.py --size small
+    MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/run_study.py --size full --workers 8
+
+The table goes to ``book/data/study_<size>.csv`` unless ``--out`` says otherwise. The run
+can be stopped and started again: finished cells are read back from the file and skipped,
+failed cells are tried again (``--keep-failed`` leaves them alone). Every cell trains on one
+CPU thread; ``--workers`` runs that many cells at once in separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtlbook.experiments.study import CONFIG_NAMES, DATASETS, SIZES, run_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="small", help="grid size (default: small)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: book/data/study_<size>.csv)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, default=list(CONFIG_NAMES))
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the size's)")
+    parser.add_argument("--workers", type=int, default=1, help="cells run at once (processes; default 1)")
+    parser.add_argument("--keep-failed", action="store_true", help="do not retry cells that failed before")
+    parser.add_argument("--quiet", action="store_true", help="no line per cell")
+    args = parser.parse_args(argv)
+
+    out = args.out or ROOT / "book" / "data" / f"study_{args.size}.csv"
+    seeds = None if args.seeds is None else list(range(args.seeds))
+    started = time.perf_counter()
+    table = run_grid(
+        out,
+        configs=args.configs,
+        datasets=args.datasets,
+        seeds=seeds,
+        size=args.size,
+        retry_failed=not args.keep_failed,
+        workers=args.workers,
+        log=None if args.quiet else (lambda line: print(line, flush=True)),
+    )
+    elapsed = time.perf_counter() - started
+    cells = table.drop_duplicates(["config", "dataset", "seed"])
+    failed = int((cells["status"] == "failed").sum())
+    print(f"{len(cells)} cells in {out} ({failed} failed); this run took {elapsed:.1f} s "
+          f"(training time summed over all cells in the file: {cells['wall_time'].sum():.1f} s)")  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""Tests of the chapter 8 study runner and its statistics (mtlbook.experiments.study)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from mtlbook.experiments import study
+from mtlbook.experiments.study import (
+    COLUMNS,
+    CellResult,
+    StudyConfig,
+    get_config,
+    holm,
+    load_table,
+    mtl_gain,
+    paired_differences,
+    relative_improvement,
+    run_cell,
+    run_grid,
+    summarize,
+    t_interval,
+    time_ratios,
+    trainer_config,
+    verdict,
+    verdict_text,
+    write_table,
+)
+
+
+# --------------------------------------------------------------------------- a fake trainer
+class FakeTrainer:
+    """Stands in for run_cell: counts calls, returns seed-dependent numbers, can fail on cue."""
+
+    def __init__(self, fail: set[tuple[str, str, int]] = frozenset()) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+        self.fail = set(fail)
+
+    def __call__(self, config: StudyConfig, dataset: str, seed: int, size) -> CellResult:
+        self.calls.append((config.name, dataset, seed))
+        if (config.name, dataset, seed) in self.fail:
+            raise RuntimeError(f"boom in {config.name}\nsecond line")
+        value = 0.8 + 0.01 * seed + (0.002 if config.name == "ple_uw_adatt" else 0.0)
+        return CellResult([("a", "auc", value), ("b", "rmse", 2.0 - value)], wall_time=1.0 + seed, epochs_run=3)
+
+
+CONFIGS2 = ("ple_uw", "ple_uw_adatt")
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    path = tmp_path / "grid.csv"
+    fake = FakeTrainer()
+    table = run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1], train_fn=fake)
+    assert len(fake.calls) == 4
+    assert len(table) == 8  # 4 cells x 2 tasks
+    again = FakeTrainer()
+    table2 = run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1], train_fn=again)
+    assert again.calls == []
+    pd.testing.assert_frame_equal(table, table2)
+    # one more seed: only its two cells run, the old rows are kept
+    more = FakeTrainer()
+    table3 = run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1, 2], train_fn=more)
+    assert sorted(more.calls) == [("ple_uw", "suite_conflict", 2), ("ple_uw_adatt", "suite_conflict", 2)]
+    assert len(table3) == 12
+    assert set(load_table(path)["seed"]) == {0, 1, 2}
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
+    path = tmp_path / "grid.csv"
+    fake = FakeTrainer(fail={("ple_uw_adatt", "suite_conflict", 0)})
+    table = run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1], train_fn=fake)
+    assert len(fake.calls) == 4  # the cells after the failure still ran
+    failed = table.loc[table["status"] == "failed"]
+    assert len(failed) == 1
+    row = failed.iloc[0]
+    assert (row["config"], row["seed"], row["task"]) == ("ple_uw_adatt", 0, "")
+    assert "RuntimeError" in row["error"] and "boom" in row["error"] and "\n" not in row["error"]
+    assert math.isnan(row["value"])
+    assert (table.loc[table["status"] == "ok", "error"] == "").all()
+    # failed cells are kept with retry_failed=False, retried (and replaced) otherwise
+    keep = FakeTrainer()
+    run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1], train_fn=keep, retry_failed=False)
+    assert keep.calls == []
+    retry = FakeTrainer()
+    fixed = run_grid(path, CONFIGS2, ["suite_conflict"], [0, 1], train_fn=retry)
+    assert retry.calls == [("ple_uw_adatt", "suite_conflict", 0)]
+    assert (fixed["status"] == "ok").all() and len(fixed) == 8
+
+
+def test_schema_is_stable(tmp_path):
+    path = tmp_path / "grid.csv"
+    run_grid(path, CONFIGS2, ["census"], [3], train_fn=FakeTrainer(fail={("ple_uw", "census", 3)}))
+    header = path.read_text().splitlines()[0].split(",")
+    assert tuple(header) == COLUMNS
+    table = load_table(path)
+    assert tuple(table.columns) == COLUMNS
+    assert table["seed"].dtype == np.int64 and table["value"].dtype == np.float64
+    # floats come back bit-exactly (the chapter compares a live rerun with the stored row)
+    ok = table.loc[table["status"] == "ok"]
+    value = 0.8 + 0.01 * 3 + 0.002  # what FakeTrainer computes for seed 3
+    assert ok["value"].tolist() == [value, 2.0 - value]
+    # a table that lacks a column is refused
+    with pytest.raises(ValueError, match="missing columns"):
+        write_table(table.drop(columns=["wall_time"]), tmp_path / "bad.csv")
+
+
+def test_parallel_workers_give_the_same_table(tmp_path):
+    serial = run_grid(None, CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer())
+    parallel = run_grid(tmp_path / "p.csv", CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer(), workers=2)
+    pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "grid.csv"
+    table = run_grid(path, ["ple_uw"], ["census"], [0], train_fn=FakeTrainer())
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(study.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_table(table.assign(value=0.0), path)
+    assert path.read_bytes() == before  # the old file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["grid.csv"]  # and no temp file is left behind
+
+
+def test_run_grid_validates_arguments(tmp_path):
+    with pytest.raises(ValueError, match="config must be one of"):
+        run_grid(None, ["no_such_config"], ["census"], [0], train_fn=FakeTrainer())
+    with pytest.raises(ValueError, match="datasets must be among"):
+        run_grid(None, ["ple_uw"], ["mnist"], [0], train_fn=FakeTrainer())
+    with pytest.raises(ValueError, match="seeds must be ints"):
+        run_grid(None, ["ple_uw"], ["census"], [-1], train_fn=FakeTrainer())
+    with pytest.raises(ValueError, match="workers"):
+        run_grid(None, ["ple_uw"], ["census"], [0], train_fn=FakeTrainer(), workers=0)
+    with pytest.raises(ValueError, match="size must be one of"):
+        run_grid(None, ["ple_uw"], ["census"], [0], size="huge", train_fn=FakeTrainer())
+
+
+# --------------------------------------------------------------------------- statistics
+def test_t_interval_matches_scipy():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 20):
+        x = rng.normal(3.0, 2.0, size=n)
+        mean, low, high = t_interval(x, 0.95)
+        ref_low, ref_high = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
+        assert mean == pytest.approx(x.mean())
+        assert (low, high) == pytest.approx((ref_low, ref_high), rel=1e-12)
+    # wider at higher confidence; degenerate cases
+    assert t_interval([1.0, 2.0, 4.0], 0.99)[1] < t_interval([1.0, 2.0, 4.0], 0.9)[1]
+    assert t_interval([5.0, 5.0, 5.0]) == (5.0, 5.0, 5.0)
+    mean, low, high = t_interval([2.0, float("nan")])
+    assert mean == 2.0 and math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="confidence"):
+        t_interval([1.0, 2.0], 1.5)
+
+
+def test_holm_by_hand_and_properties():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.5, np.nan, 0.2])
+    assert math.isnan(adjusted[1]) and adjusted[[0, 2]] == pytest.approx([0.5, 0.4])
+    rng = np.random.default_rng(1)
+    p = rng.uniform(size=30) ** 3
+    q = holm(p)
+    assert np.all(q >= p) and np.all(q <= 1.0)
+    order = np.argsort(p)
+    assert np.all(np.diff(q[order]) >= 0)  # monotone in the raw p-values
+    assert q.min() == pytest.approx(min(1.0, 30 * p.min()))
+    with pytest.raises(ValueError, match="pvalues"):
+        holm([0.2, 1.2])
+
+
+def test_relative_improvement_signs():
+    assert relative_improvement(0.9, 0.8, True) == pytest.approx(0.125)
+    assert relative_improvement(9.0, 10.0, False) == pytest.approx(0.1)  # lower RMSE = better
+    assert relative_improvement(11.0, 10.0, False) == pytest.approx(-0.1)
+    out = relative_improvement(np.array([1.0, 1.0]), np.array([2.0, 2.0]), np.array([True, False]))
+    assert out == pytest.approx([-0.5, 0.5])
+
+
+def _table(rows):
+    base = {"wall_time": 1.0, "epochs_run": 1, "size": "test", "status": "ok", "error": ""}
+    return pd.DataFrame([{**base, **r} for r in rows], columns=list(COLUMNS))
+
+
+def test_mtl_gain_formula():
+    rows = []
+    for seed, (auc_st, rmse_st, auc_mtl, rmse_mtl) in enumerate([(0.8, 10.0, 0.9, 9.0), (0.8, 10.0, 0.84, 10.5)]):
+        rows += [
+            {"config": "single_task", "dataset": "census", "seed": seed, "task": "a", "metric": "auc", "value": auc_st},
+            {"config": "single_task", "dataset": "census", "seed": seed, "task": "b", "metric": "rmse", "value": rmse_st},
+            {"config": "ple_uw", "dataset": "census", "seed": seed, "task": "a", "metric": "auc", "value": auc_mtl},
+            {"config": "ple_uw", "dataset": "census", "seed": seed, "task": "b", "metric": "rmse", "value": rmse_mtl},
+        ]
+    gain = mtl_gain(_table(rows)).set_index("task")
+    # seed 0: a +12.5 %, b +10 %; seed 1: a +5 %, b -5 %
+    assert gain.loc["a", "mean"] == pytest.approx((12.5 + 5.0) / 2)
+    assert gain.loc["b", "mean"] == pytest.approx((10.0 - 5.0) / 2)
+    assert gain.loc["average", "mean"] == pytest.approx(((12.5 + 10) / 2 + (5 - 5) / 2) / 2)
+    assert set(gain.index) == {"a", "b", "average"} and (gain["n"] == 2).all()
+
+
+def _paired_table(shift, n_seeds=6, noise=0.004, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_seeds):
+        base_a, base_b = 0.8 + 0.02 * rng.normal(), 3.0 + 0.1 * rng.normal()
+        for config, d in (("ple_uw", 0.0), ("ple_uw_adatt", shift), ("ple_equal", 0.0)):
+            wall = 2.0 if config == "ple_uw_adatt" else 1.0
+            rows += [
+                {"config": config, "dataset": "census", "seed": s, "task": "a", "metric": "auc",
+                 "value": base_a + d + (noise * rng.normal() if d else 0.0), "wall_time": wall},
+                {"config": config, "dataset": "census", "seed": s, "task": "b", "metric": "rmse",
+                 "value": base_b - 10 * d + (noise * rng.normal() if d else 0.0), "wall_time": wall},
+            ]  # fmt: skip
+    return _table(rows)
+
+
+def test_paired_differences_match_scipy_and_holm():
+    table = _paired_table(0.01)
+    paired = paired_differences(table)
+    assert set(paired["config"]) == {"ple_uw_adatt", "ple_equal"}
+    row = paired.loc[(paired["config"] == "ple_uw_adatt") & (paired["task"] == "a")].iloc[0]
+    mine = table.loc[(table["config"] == "ple_uw_adatt") & (table["task"] == "a"), "value"].to_numpy()
+    ref = table.loc[(table["config"] == "ple_uw") & (table["task"] == "a"), "value"].to_numpy()
+    test = stats.ttest_rel(mine, ref)
+    assert row["p"] == pytest.approx(test.pvalue) and row["t"] == pytest.approx(test.statistic)
+    assert row["mean_diff"] == pytest.approx((mine - ref).mean())
+    assert row["ci_low"] < row["mean_diff"] < row["ci_high"]
+    rmse_row = paired.loc[(paired["config"] == "ple_uw_adatt") & (paired["task"] == "b")].iloc[0]
+    assert rmse_row["mean_diff"] < 0 and rmse_row["improvement"] > 0  # lower RMSE counts as better
+    # ple_equal is identical to the reference: p = 1 without a scipy warning
+    same = paired.loc[paired["config"] == "ple_equal"]
+    assert (same["p"] == 1.0).all() and (same["mean_diff"] == 0.0).all()
+    # Holm within each (dataset, scope) family
+    for _, family in paired.groupby(["dataset", "scope"]):
+        assert family["p_holm"].to_numpy() == pytest.approx(holm(family["p"].to_numpy()))
+
+
+def test_verdict_helps_hurts_or_no_difference():
+    helps = verdict(_paired_table(0.02)).iloc[0]
+    assert helps["outcome"] == "helps" and helps["mean_rel_improvement_pct"] > 0 and helps["p_holm"] < 0.05
+    assert helps["time_ratio"] == pytest.approx(2.0)
+    assert helps["tasks_better"] == 2 and helps["tasks_worse"] == 0
+    hurts = verdict(_paired_table(-0.02)).iloc[0]
+    assert hurts["outcome"] == "hurts" and hurts["mean_rel_improvement_pct"] < 0
+    flat = verdict(_paired_table(1e-5, noise=0.01)).iloc[0]
+    assert flat["outcome"] == "no measurable difference"
+    # the primary comparison is Holm-corrected over the datasets
+    two = pd.concat([_paired_table(0.02), _paired_table(0.002, noise=0.01, seed=3).assign(dataset="suite_benign")])
+    both = verdict(two)
+    assert list(both["dataset"]) == ["census", "suite_benign"]
+    assert both["p_holm"].to_numpy() == pytest.approx(holm(both["p"].to_numpy()))
+    text = verdict_text(verdict(_paired_table(0.02)))
+    assert "helps" in text and "2.00 times as long" in text
+    with pytest.raises(ValueError, match="candidate"):
+        verdict(_paired_table(0.02), candidate="ple_pcgrad")
+
+
+def test_summarize_and_time_ratios():
+    table = _paired_table(0.01)
+    summary = summarize(table)
+    row = summary.loc[(summary["config"] == "ple_uw") & (summary["task"] == "a")].iloc[0]
+    values = table.loc[(table["config"] == "ple_uw") & (table["task"] == "a"), "value"]
+    assert row["n"] == 6 and row["mean"] == pytest.approx(values.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(t_interval(values)[1:])
+    ratios = time_ratios(table).set_index("config")
+    assert ratios.loc["ple_uw_adatt", "ratio"] == pytest.approx(2.0)
+    assert ratios.loc["ple_uw", "ratio"] == pytest.approx(1.0)
+    # failed rows are ignored by the statistics
+    failed = pd.concat([table, _table([{"config": "ple_uw", "dataset": "census", "seed": 99, "task": "",
+                                        "metric": "", "value": np.nan, "status": "failed", "error": "x"}])])  # fmt: skip
+    assert summarize(failed).equals(summary)
+
+
+# --------------------------------------------------------------------------- configurations and a real cell
+def test_configurations():
+    with pytest.raises(ValueError, match="config must be one of"):
+        get_config("ple_magic")
+    with pytest.raises(ValueError, match="single-task"):
+        StudyConfig("x", "x", "single_task", adatt=(), single_task=True)
+    groups = {"g0": ("a", "b")}
+    default = trainer_config(get_config("ple_uw_adatt"), 0, "small", groups)
+    assert default.balancing == "uncertainty" and default.adatt["task_groups"] == {"g0": ["a", "b"]}
+    assert default.adatt["warmup_epochs"] < default.adatt["freeze_epoch"] <= default.phase1_epochs
+    assert trainer_config(get_config("adatt_no_prior"), 0, "small", groups).adatt["task_groups"] is None
+    assert trainer_config(get_config("adatt_no_blocking"), 0, "small", groups).adatt["negative_threshold"] == -1.0
+    assert trainer_config(get_config("adatt_zero_logit"), 0, "small", groups).adatt["blocking"] == "zero_logit"
+    assert trainer_config(get_config("ple_pcgrad"), 0, "small", groups).adatt is None
+
+
+def test_run_cell_is_deterministic_and_complete():
+    torch.manual_seed(0)
+    tiny = dataclasses.replace(
+        study.SIZES["small"], name="tiny", suite_rows=(96, 48, 64), phase1_epochs=2, phase2_epochs=1,
+        batch_size=48, adatt_warmup_epochs=0, adatt_freeze_epoch=1, adatt_grad_interval=1,
+        model={"n_levels": 1, "n_shared_experts": 1, "n_task_experts": 1, "expert_hidden": (4,),
+               "expert_dim": 4, "tower_hidden": (4,)},
+    )  # fmt: skip
+    first = run_cell("ple_uw_adatt", "suite_conflict", 1, tiny)
+    second = run_cell("ple_uw_adatt", "suite_conflict", 1, tiny)
+    assert first.metrics == second.metrics  # bit-identical reruns
+    assert [m[1] for m in first.metrics] == ["rmse", "auc", "accuracy"] * 2 + ["rmse", "auc"]
+    assert all(np.isfinite(v) for _, _, v in first.metrics)
+    assert first.epochs_run == 3 and first.wall_time > 0
+    assert torch.get_num_threads() == 1  # conftest's setting is restored
