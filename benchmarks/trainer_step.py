@@ -1,0 +1,509 @@
+"""What does adaTT cost inside the real training loop? Whole ``Trainer`` steps, side by side.
+
+``benchmarks/adatt_cost.py`` times the affinity measurement against a bare
+forward/backward/AdamW step. This script times what a user actually pays: one training step
+of :class:`mtlbook.train.Trainer`, i.e. forward, per-task losses, uncertainty weighting,
+[affinity measurement], [transfer loss], gate-entropy term, backward, gradient clipping,
+AdamW step and the per-batch bookkeeping, for a PLE on the many-task synthetic suite
+(:func:`mtlbook.data.make_suite_regime`, ``"conflict"`` regime) at 4, 8 and 16 tasks. The
+problem (2-level PLE, 2 shared experts per level, expert width 64 -> 32, batch 256) is the
+one of ``adatt_cost.py``, so the two tables can be read together.
+
+Five configurations (adaTT held in its *dynamic* phase: ``warmup_epochs=0`` and a freeze
+epoch that is never reached, so it measures, transfers and learns ``W``):
+
+* ``plain``: the trainer without adaTT;
+* ``adatt_every1``: adaTT measuring at every step (``grad_interval=1``);
+* ``adatt_every10``: adaTT measuring every 10th step (the default ``grad_interval=10``);
+* ``adatt_transfer_only``: adaTT that never measures inside the timed blocks (its interval
+  is larger than the run), so only the transfer loss and ``W`` cost anything;
+* ``adatt_every1_loop``: like ``adatt_every1`` but with one ``autograd.grad`` call per task
+  (``extraction="loop"``, the sources' way) instead of one batched call.
+
+The other adaTT configurations use the package default ``extraction="batched"``.
+
+**Timing through the public API.** Each configuration has its own ``Trainer`` (same initial
+weights) whose ``fit`` runs in its own thread on a re-iterable :class:`BlockFeed`. The feed
+serves one *epoch* of ``block_steps`` batches (the same batches every time) per turn, and only
+when the main thread gives that lane the turn, so exactly one trainer computes at any moment.
+The time of a block runs from the first batch handed out to the moment the trainer asks for
+the batch after the last one, i.e. exactly ``block_steps`` complete training steps;
+end-of-epoch work (metrics, scheduler, snapshots) is outside it. With ``block_steps = 10``
+an interval-10 block holds exactly one measurement. Every round runs the baseline (``plain``)
+first and last and the other lanes in between in a freshly shuffled order; a lane's ratio in
+that round is its block time over the mean of the round's two baseline blocks, and the
+reported ``ratio`` is the median over rounds (``ratio_q25`` / ``ratio_q75``: quartiles).
+Data loading is not timed (batches are built beforehand); ``torch.set_num_threads`` is fixed.
+
+**Memory.** On CPU, ``torch.profiler`` with ``profile_memory=True`` records every tensor
+allocation and free made by PyTorch's CPU allocator (activations, the saved autograd graph,
+gradients, per-task gradient rows, optimizer temporaries; not Python objects). For one
+training step, taken after a warm-up epoch (so AdamW's state already exists), ``peak_kib`` is
+the highest running total of those allocations above the level at the step's start.
+``peak_ratio`` divides it by the ``plain`` step's peak. ``forward_peak_kib`` is the same
+peak for the forward pass and per-task losses alone (graph kept): the reference of the
+sources' claim that measuring with ``retain_graph`` takes "about 2x the forward pass"
+(``peak_over_forward``). On CUDA the peaks come from ``torch.cuda.max_memory_allocated``.
+
+Usage::
+
+    python benchmarks/trainer_step.py           # full run, writes book/data/trainer_step.csv
+    python benchmarks/trainer_step.py --quick   # a few seconds, writes nothing
+    python benchmarks/trainer_step.py --csv other.csv --tasks 4 8 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import math
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mtlbook.adatt import AdaptiveTaskTransfer
+from mtlbook.data import Batch, TaskSpec, iterate_batches, make_suite_regime
+from mtlbook.losses import task_losses
+from mtlbook.models import PLE
+from mtlbook.train import Trainer, TrainerConfig
+
+#: ``{configuration: (grad_interval, extraction)}``; ``None`` = no adaTT; an interval of
+#: :data:`NEVER` = no measurement inside the timed blocks.
+NEVER = 2**40
+CONFIGS: dict[str, tuple[int, str] | None] = {
+    "plain": None,
+    "adatt_every1": (1, "batched"),
+    "adatt_every10": (10, "batched"),
+    "adatt_transfer_only": (NEVER, "batched"),
+    "adatt_every1_loop": (1, "loop"),
+}
+BASELINE = "plain"
+CSV_COLUMNS = (
+    "n_tasks", "config", "grad_interval", "extraction", "step_ms", "ratio", "ratio_q25", "ratio_q75",
+    "step_measured", "peak_kib", "peak_ratio", "forward_peak_kib", "peak_over_forward",
+    "batch_size", "block_steps", "rounds", "threads", "device", "torch",
+)  # fmt: skip
+DEFAULT_CSV = Path(__file__).resolve().parent.parent / "book" / "data" / "trainer_step.csv"
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- problem
+@dataclass
+class Problem:
+    """A PLE at its initial state and the batches every block reuses."""
+
+    model: PLE
+    batches: list[Batch]
+    task_specs: tuple[TaskSpec, ...]
+
+
+def make_problem(
+    n_tasks: int,
+    *,
+    batch_size: int = 256,
+    n_batches: int = 10,
+    expert_hidden: Sequence[int] = (64,),
+    expert_dim: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Problem:
+    """The ``"conflict"`` suite with ``n_tasks`` tasks (4 groups, 2 below 4 tasks) and a
+    2-level PLE with 2 shared experts per level and one expert per task."""
+    _check_int(n_tasks, "n_tasks", 2)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(n_batches, "n_batches", 1)
+    n_groups = 4 if n_tasks >= 4 else 2
+    dataset, _ = make_suite_regime("conflict", batch_size * n_batches, seed=seed, n_tasks=n_tasks,
+                                   n_groups=n_groups, dim=max(32, n_tasks + n_groups))  # fmt: skip
+    torch.manual_seed(seed)
+    model = PLE(dataset.n_features, dataset.task_specs, expert_hidden=tuple(expert_hidden), expert_dim=expert_dim)
+    batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
+    return Problem(model.to(device), batches, tuple(dataset.task_specs))
+
+
+def make_trainer(problem: Problem, config: str, epochs: int, device: str = "cpu") -> Trainer:
+    """A :class:`Trainer` for one configuration of :data:`CONFIGS`, on a copy of the model.
+
+    Phase 1 only (``epochs`` epochs), no validation, no early stopping, float32, adaTT (if
+    any) in its dynamic phase for the whole run.
+    """
+    if config not in CONFIGS:
+        raise ValueError(f"config must be one of {tuple(CONFIGS)}, got {config!r}")
+    _check_int(epochs, "epochs", 1)
+    model = copy.deepcopy(problem.model)
+    adatt = None
+    if CONFIGS[config] is not None:
+        interval, extraction = CONFIGS[config]
+        adatt = AdaptiveTaskTransfer(model.task_names, grad_interval=interval, extraction=extraction,
+                                     warmup_epochs=0, freeze_epoch=NEVER)
+    settings = TrainerConfig(phase1_epochs=epochs, phase2_epochs=0, warmup_epochs=0, patience=None,
+                             restore_best=False, progress=False, seed=0, device=device, amp="off")  # fmt: skip
+    return Trainer(model, settings, adatt=adatt)
+
+
+# --------------------------------------------------------------------------- turn-taking lanes
+class BenchmarkAborted(RuntimeError):
+    """Raised inside a lane's ``fit`` when the main thread stops the benchmark."""
+
+
+class BlockFeed:
+    """Training data for ``Trainer.fit`` that hands out one timed block per turn.
+
+    Every epoch is the same ``batches``. When the trainer starts an epoch (calls ``iter``),
+    the feed reports the lane idle and waits for :meth:`Lane.run_turn` to give it the turn;
+    it then records the seconds from handing out the first batch to being asked for the
+    batch after the last one in :attr:`times`.
+    """
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("batches must not be empty")
+        self.times: list[float] = []
+        self.spans: list[tuple[float, float]] = []  # (start, end) of every timed block
+        self.turn = threading.Semaphore(0)
+        self.idle = threading.Semaphore(0)
+        self.abort = False
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Batch]:
+        self.idle.release()  # the previous epoch, end-of-epoch work included, is over
+        self.turn.acquire()
+        if self.abort:
+            raise BenchmarkAborted("benchmark stopped")
+        start = time.perf_counter()
+        for batch in self.batches:
+            yield batch
+        end = time.perf_counter()
+        self.times.append(end - start)
+        self.spans.append((start, end))
+
+
+class Lane:
+    """One configuration's trainer running ``fit`` in a thread, one block per turn."""
+
+    def __init__(self, name: str, trainer: Trainer, batches: Sequence[Batch]) -> None:
+        self.name = name
+        self.trainer = trainer
+        self.feed = BlockFeed(batches)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, name=f"lane-{name}", daemon=True)
+        self.thread.start()
+        self.feed.idle.acquire()  # fit has set up and waits for its first turn
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit(self.feed)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            self.error = error
+        finally:
+            self.feed.idle.release()
+
+    def run_turn(self) -> float:
+        """Let the lane train one block; return its seconds (raises what the lane raised)."""
+        if not self.thread.is_alive():
+            raise RuntimeError(f"lane {self.name} has no epochs left (or failed: {self.error!r})")
+        self.feed.turn.release()
+        self.feed.idle.acquire()
+        if self.error is not None:
+            raise RuntimeError(f"lane {self.name} failed") from self.error
+        return self.feed.times[-1]
+
+    def stop(self) -> None:
+        """End the lane's ``fit`` early (no-op once it finished)."""
+        if self.thread.is_alive():
+            self.feed.abort = True
+            self.feed.turn.release()
+            self.thread.join(timeout=30)
+
+
+def time_lanes(lanes: Sequence[Lane], rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Block seconds per lane and round; the first lane is the baseline.
+
+    Each lane first runs one untimed warm-up block. Each round runs the baseline first and
+    last (its entry is the mean of the two) and the others in between, shuffled. The lanes
+    must have been built with ``1 + rounds * (2 if baseline else 1)`` epochs.
+    """
+    _check_int(rounds, "rounds", 1)
+    if not lanes:
+        raise ValueError("lanes must not be empty")
+    rng = random.Random(seed)
+    for lane in lanes:
+        lane.run_turn()
+    times: dict[str, list[float]] = {lane.name: [] for lane in lanes}
+    others = list(lanes[1:])
+    for _ in range(rounds):
+        rng.shuffle(others)
+        gc.collect()
+        first = lanes[0].run_turn()
+        for lane in others:
+            gc.collect()
+            times[lane.name].append(lane.run_turn())
+        gc.collect()
+        times[lanes[0].name].append((first + lanes[0].run_turn()) / 2.0)
+    return times
+
+
+def lane_epochs(rounds: int, baseline: bool) -> int:
+    """Epochs a lane's trainer needs for :func:`time_lanes` (warm-up block included)."""
+    return 1 + rounds * (2 if baseline else 1)
+
+
+def round_ratios(times: dict[str, list[float]], baseline: str = BASELINE) -> dict[str, list[float]]:
+    """Per-round ratio of each lane's block time to the baseline's block time in that round."""
+    if baseline not in times:
+        raise ValueError(f"baseline {baseline!r} is not among {sorted(times)}")
+    base = times[baseline]
+    out: dict[str, list[float]] = {}
+    for name, values in times.items():
+        if len(values) != len(base):
+            raise ValueError(f"{name} has {len(values)} rounds, the baseline {len(base)}")
+        out[name] = [v / b for v, b in zip(values, base)]
+    return out
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (``q`` in [0, 1]) of a non-empty sequence."""
+    if not values:
+        raise ValueError("values must not be empty")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# --------------------------------------------------------------------------- memory
+def running_peak(events: Sequence[tuple[int, int]]) -> int:
+    """Highest running total of ``(time, bytes)`` allocation events (frees negative), taken in
+    time order and never below 0: the peak memory added above the starting level."""
+    total = peak = 0
+    for _, nbytes in sorted(events, key=lambda e: e[0]):
+        total += int(nbytes)
+        peak = max(peak, total)
+    return peak
+
+
+class MemoryProbe:
+    """Measures the peak tensor memory of the code that runs between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._profiler: Any = None
+        self._start_bytes = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop lines off stderr
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+
+    def stop(self) -> float:
+        """Bytes of the peak above the level at :meth:`start`; NaN if the profiler gives no events."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return float(torch.cuda.max_memory_allocated(self.device) - self._start_bytes)
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        try:
+            events = [(e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                      if e.name() == "[memory]"]  # fmt: skip
+        except AttributeError:  # the profiler's result API moved: report "not measured"
+            return math.nan
+        return float(running_peak(events)) if events else math.nan
+
+
+def measure(probe: MemoryProbe, action: Callable[[], Any]) -> float:
+    """Peak bytes :func:`MemoryProbe` sees while ``action()`` runs (its result kept until the end)."""
+    probe.start()
+    try:
+        kept = action()
+    finally:
+        peak = probe.stop()
+    del kept
+    return peak
+
+
+class ProbeFeed:
+    """Training data for a two-epoch ``fit``: epoch 0 warms up on ``batches``, epoch 1 runs
+    one step under a :class:`MemoryProbe` and stores its peak in :attr:`peak_bytes`."""
+
+    def __init__(self, batches: Sequence[Batch], device: torch.device) -> None:
+        self.batches = list(batches)
+        self.probe = MemoryProbe(device)
+        self.epochs_started = 0
+        self.peak_bytes = math.nan
+        self.on_step_start: Callable[[], None] = lambda: None
+        self.updates_before = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._epoch()  # a generator: nothing runs (or counts) until the trainer iterates
+
+    def _epoch(self) -> Iterator[Batch]:
+        self.epochs_started += 1
+        if self.epochs_started == 1:
+            yield from self.batches
+            return
+        self.on_step_start()
+        self.probe.start()
+        try:
+            yield self.batches[0]  # the trainer's whole step runs before the next request
+        finally:
+            self.peak_bytes = self.probe.stop()
+
+
+def step_peak(problem: Problem, config: str, device: str = "cpu") -> tuple[float, bool]:
+    """Peak bytes of one training step after a warm-up epoch, and whether that step measured
+    affinity (read off the affinity computer's update counter, not assumed)."""
+    trainer = make_trainer(problem, config, epochs=2, device=device)
+    feed = ProbeFeed(problem.batches, torch.device(device))
+    updates = (lambda: 0) if trainer.adatt is None else (lambda: int(trainer.adatt.affinity_computer.n_updates))
+    feed.on_step_start = lambda: setattr(feed, "updates_before", updates())
+    trainer.fit(feed)
+    return feed.peak_bytes, updates() > feed.updates_before
+
+
+def forward_peak(problem: Problem, device: str = "cpu") -> float:
+    """Peak bytes of the forward pass and per-task losses alone (graph kept)."""
+    model = copy.deepcopy(problem.model).train()
+    batch = problem.batches[0]
+    return measure(MemoryProbe(torch.device(device)),
+                   lambda: task_losses(model(batch.inputs), batch, problem.task_specs))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- driver
+def benchmark(
+    n_tasks: int,
+    rounds: int,
+    *,
+    batch_size: int = 256,
+    block_steps: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    configs: Sequence[str] = tuple(CONFIGS),
+) -> list[dict[str, Any]]:
+    """CSV rows (see :data:`CSV_COLUMNS`) for one task count; ``configs[0]`` must be the baseline."""
+    if not configs or configs[0] != BASELINE:
+        raise ValueError(f"configs must start with the baseline {BASELINE!r}, got {configs!r}")
+    problem = make_problem(n_tasks, batch_size=batch_size, n_batches=block_steps, seed=seed, device=device)
+    lanes: list[Lane] = []
+    try:
+        for k, name in enumerate(configs):
+            trainer = make_trainer(problem, name, lane_epochs(rounds, baseline=k == 0), device)
+            lanes.append(Lane(name, trainer, problem.batches))
+        times = time_lanes(lanes, rounds, seed=seed)
+    finally:
+        for lane in lanes:
+            lane.stop()
+    ratios = round_ratios(times, configs[0])
+    forward = forward_peak(problem, device)
+    peaks = {name: step_peak(problem, name, device) for name in configs}
+    base_peak = peaks[configs[0]][0]
+    rows = []
+    for name in configs:
+        peak, measured = peaks[name]
+        rows.append({
+            "n_tasks": n_tasks,
+            "config": name,
+            "grad_interval": "" if CONFIGS[name] is None else ("never" if CONFIGS[name][0] == NEVER else CONFIGS[name][0]),
+            "extraction": "" if CONFIGS[name] is None else CONFIGS[name][1],
+            "step_ms": 1000.0 * statistics.median(times[name]) / block_steps,
+            "ratio": statistics.median(ratios[name]),
+            "ratio_q25": quantile(ratios[name], 0.25),
+            "ratio_q75": quantile(ratios[name], 0.75),
+            "step_measured": measured,
+            "peak_kib": peak / 1024.0,
+            "peak_ratio": peak / base_peak if base_peak > 0 else math.nan,
+            "forward_peak_kib": forward / 1024.0,
+            "peak_over_forward": peak / forward if forward > 0 else math.nan,
+            "batch_size": batch_size,
+            "block_steps": block_steps,
+            "rounds": rounds,
+            "threads": torch.get_num_threads(),
+            "device": device,
+            "torch": torch.__version__.split("+")[0],
+        })  # fmt: skip
+    return rows
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write ``rows`` with :data:`CSV_COLUMNS` (floats to 4 significant digits)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return target
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'tasks':>5} {'config':<20} {'step ms':>8} {'ratio':>6} {'[q25, q75]':>14} {'peak KiB':>9} "
+             f"{'peak x':>7} {'x fwd':>6}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['n_tasks']:>5} {r['config']:<20} {r['step_ms']:>8.2f} {r['ratio']:>6.3f} "
+                     f"[{r['ratio_q25']:.3f}, {r['ratio_q75']:.3f}] {r['peak_kib']:>9.0f} "
+                     f"{r['peak_ratio']:>7.3f} {r['peak_over_forward']:>6.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (4 tasks, 3 rounds, batch 64)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=None, help="task counts (default 4 8 16)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per task count (default 15)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 256)")
+    parser.add_argument("--block-steps", type=int, default=10, help="training steps per timed block")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--csv", default=None, help=f"output CSV (default {DEFAULT_CSV} unless --quick)")
+    args = parser.parse_args(argv)
+    tasks = args.tasks or ([4] if args.quick else [4, 8, 16])
+    rounds = args.rounds or (3 if args.quick else 15)
+    batch_size = args.batch_size or (64 if args.quick else 256)
+    torch.set_num_threads(_check_int(args.threads, "threads", 1))
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for n_tasks in tasks:
+        rows += benchmark(n_tasks, rounds, batch_size=batch_size, block_steps=args.block_steps, device=args.device)
+        print(format_table([r for r in rows if r["n_tasks"] == n_tasks]), flush=True)
+    print(f"total {time.perf_counter() - started:.1f} s on {args.device}, {torch.get_num_threads()} thread(s)")
+    out = args.csv if args.csv is not None else (None if args.quick else DEFAULT_CSV)
+    if out is not None:
+        print(f"wrote {write_csv(rows, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

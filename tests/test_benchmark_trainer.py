@@ -1,0 +1,151 @@
+"""Helpers of benchmarks/trainer_step.py: turn-taking lanes, ratios, quantiles and memory peaks.
+
+No timing is asserted (the machine is shared); what is checked is that the machinery
+measures what it claims: lanes never overlap, each lane measures affinity exactly as often
+as its interval says, ratios are taken per round, and the memory peak follows allocations
+and frees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "trainer_step.py"
+
+
+@pytest.fixture(scope="module")
+def ts():
+    spec = importlib.util.spec_from_file_location("trainer_step_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny(ts):
+    torch.manual_seed(0)
+    return ts.make_problem(3, batch_size=16, n_batches=4, expert_hidden=(8,), expert_dim=4)
+
+
+def test_round_ratios_divide_by_the_same_round(ts):
+    times = {"plain": [1.0, 2.0, 4.0], "x": [1.5, 2.0, 2.0]}
+    ratios = ts.round_ratios(times)
+    assert ratios["plain"] == [1.0, 1.0, 1.0]
+    assert ratios["x"] == [1.5, 1.0, 0.5]
+    with pytest.raises(ValueError, match="baseline"):
+        ts.round_ratios({"x": [1.0]})
+    with pytest.raises(ValueError, match="rounds"):
+        ts.round_ratios({"plain": [1.0, 2.0], "x": [1.0]})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quantile_matches_numpy_linear_interpolation(ts, seed):
+    rng = random.Random(seed)
+    values = [rng.uniform(-3, 3) for _ in range(rng.randint(1, 12))]
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0, rng.random()):
+        assert ts.quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+    with pytest.raises(ValueError):
+        ts.quantile([], 0.5)
+    with pytest.raises(ValueError):
+        ts.quantile([1.0], 1.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_running_peak_is_the_largest_prefix_sum_in_time_order(ts, seed):
+    rng = random.Random(seed)
+    events = [(rng.randrange(1000), rng.choice([-1, 1]) * rng.randrange(1, 100)) for _ in range(30)]
+    ordered = [b for _, b in sorted(events, key=lambda e: e[0])]
+    expected = max([0] + list(itertools.accumulate(ordered)))
+    shuffled = list(events)
+    rng.shuffle(shuffled)
+    assert ts.running_peak(shuffled) == expected
+    assert ts.running_peak([(0, -5), (1, -5)]) == 0  # frees of older memory never count as a peak
+
+
+def test_memory_probe_follows_allocations_and_frees(ts):
+    probe = ts.MemoryProbe(torch.device("cpu"))
+    mib = 1 << 20
+
+    def two_alive():
+        a = torch.ones(mib // 4)  # 1 MiB of float32
+        b = torch.ones(mib // 4)
+        return a, b
+
+    def one_at_a_time():
+        for _ in range(2):
+            a = torch.ones(mib // 4)
+            del a
+        return None
+
+    both = ts.measure(probe, two_alive)
+    sequential = ts.measure(probe, one_at_a_time)
+    assert 2 * mib <= both < 2 * mib + 64 * 1024
+    assert mib <= sequential < mib + 64 * 1024
+
+
+def test_lanes_take_turns_and_measure_as_often_as_their_interval_says(ts, tiny):
+    rounds, block = 2, len(tiny.batches)
+    lanes = []
+    try:
+        for k, name in enumerate(ts.CONFIGS):
+            trainer = ts.make_trainer(tiny, name, ts.lane_epochs(rounds, baseline=k == 0))
+            lanes.append(ts.Lane(name, trainer, tiny.batches))
+        times = ts.time_lanes(lanes, rounds)
+    finally:
+        for lane in lanes:
+            lane.stop()
+    assert set(times) == set(ts.CONFIGS)
+    assert all(len(v) == rounds and all(t > 0 for t in v) for v in times.values())
+    for lane in lanes:
+        lane.thread.join(timeout=10)
+        assert not lane.thread.is_alive() and lane.error is None  # fit ran to its last epoch
+        assert len(lane.trainer.history) == len(lane.feed.spans)
+    # no two timed blocks overlap in time, whichever lanes they belong to
+    spans = sorted(span for lane in lanes for span in lane.feed.spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    steps = {lane.name: len(lane.feed.spans) * block for lane in lanes}
+    updates = {lane.name: int(lane.trainer.adatt.affinity_computer.n_updates) for lane in lanes[1:]}
+    assert lanes[0].trainer.adatt is None
+    assert updates["adatt_every1"] == steps["adatt_every1"]
+    assert updates["adatt_every1_loop"] == steps["adatt_every1_loop"]
+    assert lanes[-1].trainer.adatt.affinity_computer.extraction == "loop"
+    assert updates["adatt_every10"] == math.ceil(steps["adatt_every10"] / 10)
+    assert updates["adatt_transfer_only"] == 1  # only step 0, in the untimed warm-up block
+    assert all(lane.trainer.adatt.phase == "dynamic" for lane in lanes[1:])
+
+
+def test_a_measured_step_is_flagged_and_needs_more_memory(ts, tiny):
+    plain_peak, plain_measured = ts.step_peak(tiny, "plain")
+    every1_peak, every1_measured = ts.step_peak(tiny, "adatt_every1")
+    _, transfer_measured = ts.step_peak(tiny, "adatt_transfer_only")
+    assert (plain_measured, every1_measured, transfer_measured) == (False, True, False)
+    assert 0 < plain_peak < every1_peak
+
+
+def test_invalid_arguments_are_refused(ts, tiny):
+    with pytest.raises(ValueError, match="config"):
+        ts.make_trainer(tiny, "adatt_every3", epochs=1)
+    with pytest.raises(ValueError, match="baseline"):
+        ts.benchmark(3, 1, configs=("adatt_every1", "plain"))
+    with pytest.raises(ValueError, match="n_tasks"):
+        ts.make_problem(1)
+
+
+def test_csv_has_the_documented_columns(ts, tmp_path):
+    row = {c: 1.0 for c in ts.CSV_COLUMNS}
+    row.update(config="plain", n_tasks=4)
+    path = ts.write_csv([row], tmp_path / "out.csv")
+    header, values = path.read_text().splitlines()
+    assert header.split(",") == list(ts.CSV_COLUMNS)
+    assert values.split(",")[ts.CSV_COLUMNS.index("config")] == "plain"
