@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MTLBOOK_DATA=${MTLBOOK_DATA:-$(cd .. && pwd)/shared/data}
-export MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+export PYDEVD_DISABLE_FILE_VALIDATION=1
 echo "== building the book"
 .venv/bin/jupyter-book build . -W -n --keep-going
 echo "== the book is at $(pwd)/_build/html/index.html"

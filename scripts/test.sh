@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --browser || exit 1
 export MTLBOOK_DATA=${MTLBOOK_DATA:-$(cd .. && pwd)/shared/data}
-export MPLBACKEND=Agg PYDEVD_DISABLE_FILE_VALIDATION=1
+export PYDEVD_DISABLE_FILE_VALIDATION=1
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider)
 status=0
 

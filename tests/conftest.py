@@ -4,9 +4,9 @@ Tiny models run faster on one thread, and one thread keeps timings stable on a s
 2-core machine; results do not depend on it.
 """
 
-import os
-
+import matplotlib
 import torch
 
 torch.set_num_threads(1)
-os.environ.setdefault("MPLBACKEND", "Agg")
+# in this process only: chapters run by nbval keep their inline backend
+matplotlib.use("Agg")
