@@ -25,8 +25,15 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Pages with explorers: (page path, how many explorers at least).
 EXPLORER_PAGES = [
     ("book/01_toy_simulator.html", 1),
+    ("book/02_shared_features.html", 1),
+    ("book/03_shared_bottom_mmoe_ple.html", 1),
+    ("book/04_why_adaptive_transfer.html", 1),
+    ("book/05_measuring_affinity.html", 1),
     ("book/06_select_and_regulate.html", 1),
+    ("book/07_training_loop.html", 1),
 ]
+# Pages whose math must be typeset (every chapter and the math appendix).
+MATH_PAGES = [p for p, _ in EXPLORER_PAGES] + ["book/08_does_adatt_help.html", "book/appendix_math.html"]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,8 @@ def _visible_explorer_images(page, explorer) -> list[str]:
     )
 
 
-@pytest.mark.parametrize("path,_n", EXPLORER_PAGES)
-def test_math_is_typeset(browser, site_url, path, _n):
+@pytest.mark.parametrize("path", MATH_PAGES)
+def test_math_is_typeset(browser, site_url, path):
     page, external = _open(browser, f"{site_url}/{path}")
     page.wait_for_selector("mjx-container", timeout=20000)
     # prose only: code listings (show_source) may legitimately contain TeX in docstrings
