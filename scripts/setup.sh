@@ -33,9 +33,9 @@ fi
 
 # 2. vendored JavaScript ---------------------------------------------------------------
 VENDOR=book/_vendor/vendor
-MATHJAX=3.2.2 REQUIREJS=2.3.8 HTMLMANAGER=1.0.15
+MATHJAX=3.2.2 REQUIREJS=2.3.8 HTMLMANAGER=1.0.15 VENDOR_LAYOUT=2
 vstamp="$VENDOR/.versions"
-vwant="mathjax@$MATHJAX requirejs@$REQUIREJS html-manager@$HTMLMANAGER"
+vwant="mathjax@$MATHJAX requirejs@$REQUIREJS html-manager@$HTMLMANAGER layout@$VENDOR_LAYOUT"
 if [ ! -f "$vstamp" ] || [ "$(cat "$vstamp")" != "$vwant" ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "setup.sh: npm is needed to vendor MathJax/RequireJS/widgets (install Node.js + npm)" >&2
@@ -52,6 +52,12 @@ if [ ! -f "$vstamp" ] || [ "$(cat "$vstamp")" != "$vwant" ]; then
   # the AMD bundle is self-contained (base + controls); its fonts sit beside it
   find "$tmp/node_modules/@jupyter-widgets/html-manager/dist" -maxdepth 1 -type f \
       ! -name '*.map' ! -name 'libembed*' ! -name 'embed.js*' -exec cp {} "$VENDOR/html-manager/" \;
+  # the bundle asks for its icon fonts under @jupyter-widgets/html-manager/dist/ relative
+  # to the page; every chapter page lives in book/, so put a copy there
+  fonts="book/_vendor/book/@jupyter-widgets/html-manager/dist"
+  rm -rf book/_vendor/book && mkdir -p "$fonts"
+  find "$VENDOR/html-manager" -maxdepth 1 -type f \( -name '*.woff*' -o -name '*.ttf' -o -name '*.eot' -o -name '*.svg' \) \
+      -exec cp {} "$fonts/" \;
   echo "$vwant" > "$vstamp"
 fi
 

@@ -72,6 +72,8 @@ def _open(browser, url: str):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     external: list[str] = []
     page.on("request", lambda r: external.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+    # a missing local file (a vendored script, font or figure) is a broken page too
+    page.on("response", lambda r: external.append(f"{r.status} {r.url}") if r.status >= 400 and not r.url.endswith("favicon.ico") else None)
     page.goto(url, wait_until="networkidle")
     return page, external
 
@@ -98,7 +100,7 @@ def test_math_is_typeset(browser, site_url, path):
     for raw in ("$$", "\\begin{", "\\frac"):
         assert raw not in text, f"raw TeX {raw!r} left in the text of {path}"
     assert page.locator("mjx-container").count() > 0, "no typeset math on the page"
-    assert not external, f"{path} requested resources off this machine: {external[:3]}"
+    assert not external, f"{path} requested resources off this machine or missing ones: {external[:3]}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / (Path(path).stem + "-top.png")))
     page.close()

@@ -71,7 +71,9 @@ def _render_image(render: Callable[..., Figure], colors: int | None, *args: Any)
     fig = render(*args)
     if not isinstance(fig, Figure):
         raise TypeError(f"render must return a matplotlib Figure, got {type(fig).__name__}")
-    return widgets.Image(value=figure_to_png(fig, colors=colors), format="png")
+    # scale down (never up) to the page's text column, keeping the aspect ratio
+    layout = widgets.Layout(max_width="100%", height="auto")
+    return widgets.Image(value=figure_to_png(fig, colors=colors), format="png", layout=layout)
 
 
 def _slider(labels: list[str], description: str, index: int) -> widgets.SelectionSlider:
