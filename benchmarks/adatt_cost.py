@@ -77,7 +77,7 @@ import torch
 from torch import Tensor
 
 from mtlbook.adatt import TaskAffinityComputer
-from mtlbook.data import Batch, TaskSpec, iterate_batches, make_suite_regime
+from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
 
@@ -136,43 +136,8 @@ def configurations(
 
 
 # --------------------------------------------------------------------------- problem
-@dataclass
-class Problem:
-    """A PLE at its initial state and the batches every configuration cycles through."""
-
-    model: PLE
-    batches: list[Batch]
-    task_specs: tuple[TaskSpec, ...]
-
-
-def make_problem(
-    n_tasks: int,
-    *,
-    batch_size: int = 256,
-    n_batches: int = 16,
-    n_features: int = 32,
-    expert_hidden: Sequence[int] = (64,),
-    expert_dim: int = 32,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> Problem:
-    """The synthetic ``"conflict"`` suite with ``n_tasks`` tasks in 4 groups (2 when
-    ``n_tasks < 4``) and a 2-level PLE (2 shared experts per level, 1 expert per task)."""
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 2:
-        raise ValueError(f"n_tasks must be an int >= 2, got {n_tasks!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-        raise ValueError(f"n_batches must be an int >= 1, got {n_batches!r}")
-    n_groups = 4 if n_tasks >= 4 else 2
-    dim = max(n_features, n_tasks + n_groups)
-    dataset, _ = make_suite_regime("conflict", batch_size * n_batches, seed=seed, n_tasks=n_tasks,
-                                   n_groups=n_groups, dim=dim)  # fmt: skip
-    torch.manual_seed(seed)
-    model = PLE(dataset.n_features, dataset.task_specs, expert_hidden=tuple(expert_hidden),
-                expert_dim=expert_dim).to(device)  # fmt: skip
-    batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
-    return Problem(model, batches, tuple(dataset.task_specs))
+# the shared benchmark problem (one definition for both benchmarks)
+from mtlbook.experiments.problems import Problem, make_problem  # noqa: E402
 
 
 class StepRunner:

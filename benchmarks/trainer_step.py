@@ -65,7 +65,6 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -73,7 +72,7 @@ import torch
 from torch import nn
 
 from mtlbook.adatt import AdaptiveTaskTransfer
-from mtlbook.data import Batch, TaskSpec, iterate_batches, make_suite_regime
+from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
 from mtlbook.train import Trainer, TrainerConfig
@@ -104,37 +103,8 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 
 
 # --------------------------------------------------------------------------- problem
-@dataclass
-class Problem:
-    """A PLE at its initial state and the batches every block reuses."""
-
-    model: PLE
-    batches: list[Batch]
-    task_specs: tuple[TaskSpec, ...]
-
-
-def make_problem(
-    n_tasks: int,
-    *,
-    batch_size: int = 256,
-    n_batches: int = 10,
-    expert_hidden: Sequence[int] = (64,),
-    expert_dim: int = 32,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> Problem:
-    """The ``"conflict"`` suite with ``n_tasks`` tasks (4 groups, 2 below 4 tasks) and a
-    2-level PLE with 2 shared experts per level and one expert per task."""
-    _check_int(n_tasks, "n_tasks", 2)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(n_batches, "n_batches", 1)
-    n_groups = 4 if n_tasks >= 4 else 2
-    dataset, _ = make_suite_regime("conflict", batch_size * n_batches, seed=seed, n_tasks=n_tasks,
-                                   n_groups=n_groups, dim=max(32, n_tasks + n_groups))  # fmt: skip
-    torch.manual_seed(seed)
-    model = PLE(dataset.n_features, dataset.task_specs, expert_hidden=tuple(expert_hidden), expert_dim=expert_dim)
-    batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
-    return Problem(model.to(device), batches, tuple(dataset.task_specs))
+# the shared benchmark problem (one definition for both benchmarks)
+from mtlbook.experiments.problems import Problem, make_problem  # noqa: E402
 
 
 def make_trainer(problem: Problem, config: str, epochs: int, device: str = "cpu") -> Trainer:
