@@ -183,7 +183,9 @@ class TrainerConfig:
     ``min_delta``
         an improvement must beat the best value by more than this.
     ``restore_best``
-        at the end of each phase, load the model weights of its best epoch.
+        at the end of each phase, load the model weights of its best epoch. Only the
+        model is rewound: the balancer and adaTT keep their latest state (rewinding adaTT
+        would also rewind its epoch counter and phase schedule).
 
     **Checkpoints and reporting**
 
