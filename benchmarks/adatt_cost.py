@@ -137,7 +137,7 @@ def configurations(
 
 # --------------------------------------------------------------------------- problem
 # the shared benchmark problem (one definition for both benchmarks)
-from mtlbook.experiments.problems import Problem, make_problem  # noqa: E402
+from mtlbook.experiments.bench import Problem, make_problem, quantile, round_ratios  # noqa: E402
 
 
 class StepRunner:
@@ -242,30 +242,8 @@ def time_rounds(
     return times
 
 
-def round_ratios(times: dict[str, list[float]], baseline: str = "plain") -> dict[str, list[float]]:
-    """Per-round ratio of each configuration's block time to the baseline's in the same round."""
-    if baseline not in times:
-        raise ValueError(f"baseline {baseline!r} is not among the timed configurations {sorted(times)}")
-    base = times[baseline]
-    out = {}
-    for name, values in times.items():
-        if len(values) != len(base):
-            raise ValueError(f"{name} has {len(values)} rounds, the baseline {len(base)}")
-        out[name] = [v / b for v, b in zip(values, base)]
-    return out
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (``q`` in [0, 1]) of a non-empty sequence."""
-    if not values:
-        raise ValueError("values must not be empty")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # --------------------------------------------------------------------------- memory

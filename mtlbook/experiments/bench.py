@@ -1,11 +1,13 @@
-"""The benchmark problem shared by ``benchmarks/adatt_cost.py`` and ``benchmarks/trainer_step.py``.
+"""What ``benchmarks/adatt_cost.py`` and ``benchmarks/trainer_step.py`` share.
 
-One definition, so that the cost of measuring affinity alone (chapter 5) and the cost of a
-whole trainer step (chapter 7) are measured on the same model and the same batches.
+One benchmark problem, so that the cost of measuring affinity alone (chapter 5) and the
+cost of a whole trainer step (chapter 7) are measured on the same model and the same
+batches; and the two statistics both report: per-round ratios and quantiles.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,3 +61,33 @@ def make_problem(
                 expert_dim=expert_dim).to(device)  # fmt: skip
     batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
     return Problem(model, batches, tuple(dataset.task_specs))
+
+
+def round_ratios(times: dict[str, list[float]], baseline: str = "plain") -> dict[str, list[float]]:
+    """Per-round ratio of each configuration's block time to the baseline's in the same round.
+
+    Dividing within a round cancels slow drifts of a shared machine: both times were taken
+    seconds apart under the same load.
+    """
+    if baseline not in times:
+        raise ValueError(f"baseline {baseline!r} is not among the timed configurations {sorted(times)}")
+    base = times[baseline]
+    out: dict[str, list[float]] = {}
+    for name, values in times.items():
+        if len(values) != len(base):
+            raise ValueError(f"{name} has {len(values)} rounds, the baseline {len(base)}")
+        out[name] = [v / b for v, b in zip(values, base)]
+    return out
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (``q`` in [0, 1]) of a non-empty sequence."""
+    if not values:
+        raise ValueError("values must not be empty")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
