@@ -9,32 +9,16 @@ import pytest
 import torch
 
 from mtlbook.adatt import AdaptiveTaskTransfer
-from mtlbook.data.batch import MultiTaskDataset, TaskSpec
+from mtlbook.data.batch import MultiTaskDataset
 from mtlbook.models import PLE
 from mtlbook.train import Trainer, TrainerConfig
 from mtlbook.train.checkpoint import atomic_save, capture_rng_state, load_file, restore_rng_state
 
-SPECS = (TaskSpec("click", "binary"), TaskSpec("value", "regression"), TaskSpec("kind", "multiclass", 3))
-NAMES = tuple(s.name for s in SPECS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from _tiny import NAMES, SPECS, make_dataset as _make_dataset  # the shared tiny problem
 
 
 def make_dataset(n: int = 80, seed: int = 0) -> MultiTaskDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    targets = {
-        "click": (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).float(),
-        "value": x[:, 1] - x[:, 0] + 0.1 * torch.randn(n, generator=g),
-        "kind": torch.bucketize(x[:, 2].contiguous(), torch.tensor([-0.5, 0.5])),
-    }
-    return MultiTaskDataset(x, targets, SPECS, {"value": torch.rand(n, generator=g) > 0.2})
+    return _make_dataset(n, seed)
 
 
 def make_model(seed: int = 0, expert_dim: int = 6) -> PLE:

@@ -15,29 +15,7 @@ from mtlbook.models import PLE
 from mtlbook.train import Trainer, TrainerConfig, TrainingWarning
 from mtlbook.train.schedules import phase1_lr, phase2_lr
 
-SPECS = (TaskSpec("click", "binary"), TaskSpec("value", "regression"), TaskSpec("kind", "multiclass", 3))
-NAMES = tuple(s.name for s in SPECS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: thread start-up costs more than it saves on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_dataset(n: int = 96, seed: int = 0, missing: bool = True) -> MultiTaskDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    targets = {
-        "click": (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).float(),
-        "value": x[:, 1] - x[:, 0] + 0.1 * torch.randn(n, generator=g),
-        "kind": torch.bucketize(x[:, 2].contiguous(), torch.tensor([-0.5, 0.5])),
-    }
-    present = {"value": torch.rand(n, generator=g) > 0.2} if missing else None
-    return MultiTaskDataset(x, targets, SPECS, present)
+from _tiny import NAMES, SPECS, make_dataset  # the shared tiny problem
 
 
 def make_model(seed: int = 0, expert_dim: int = 6) -> PLE:
