@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup.sh
 
 execute:         ## re-execute one chapter in place: make execute NB=book/01_toy_simulator.ipynb
-	MTLBOOK_DATA=$${MTLBOOK_DATA:-$(CURDIR)/../shared/data} .venv/bin/jupyter nbconvert --to notebook --execute --inplace \
+	MTLBOOK_DATA=$${MTLBOOK_DATA:-$(CURDIR)/../shared/data} MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/jupyter nbconvert --to notebook --execute --inplace \
 	  --ExecutePreprocessor.timeout=600 $(NB)
 
 clean:

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --browser || exit 1
 export MTLBOOK_DATA=${MTLBOOK_DATA:-$(cd .. && pwd)/shared/data}
 export PYDEVD_DISABLE_FILE_VALIDATION=1
+source scripts/reproducible_env.sh
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider)
 status=0
 
