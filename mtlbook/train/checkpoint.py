@@ -152,8 +152,11 @@ def model_fingerprint(*modules: tuple[str, nn.Module | None]) -> list[list[Any]]
         if module is None:
             entries.append([f"{prefix}:absent", []])
             continue
-        for name, tensor in module.state_dict().items():
-            entries.append([f"{prefix}.{name}", list(tensor.shape)])
+        for name, value in module.state_dict().items():
+            # ``get_extra_state`` entries (e.g. PCGrad's generator state) are not tensors:
+            # they are recorded by name only, so their presence is still compared
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else ["extra"]
+            entries.append([f"{prefix}.{name}", shape])
     return entries
 
 
