@@ -870,6 +870,7 @@ class Trainer:
             self.step += 1
             counters["steps"] += 1
             grad_norms.append(float(norm))
+        self.balancer.after_optimizer_step()  # e.g. keep uncertainty log-variances in range
         self.optimizer.zero_grad(set_to_none=True)
         if self.distributed is not None and any(True for _ in self.balancer.buffers()):
             # e.g. GradNorm updates its weights from local gradient norms: rank 0's copy wins
