@@ -131,6 +131,18 @@ def _check_float(value: Any, name: str, low: float, high: float = math.inf, low_
     return value
 
 
+def _check_unit_interval(y: Tensor, name: str = "target") -> None:
+    """Refuse binary labels outside ``[0, 1]`` (NaN passes: the trainer's NaN guard skips it).
+
+    Outside ``[0, 1]`` cross-entropy is unbounded below (a label of 3 drives it to -1e3)
+    and the focal factor takes the log of a negative number.
+    """
+    bad = (y < 0) | (y > 1)
+    if bool(bad.any()):
+        value = float(y[bad][0])
+        raise ValueError(f"{name} of a binary loss must hold labels in [0, 1] on present rows, got {value}")
+
+
 def _float_target(target: Tensor, name: str = "target") -> Tensor:
     if target.is_complex():
         raise TypeError(f"{name} must be a real tensor, got dtype {target.dtype}")
@@ -189,6 +201,7 @@ def focal_loss(
     mask = _check_present(present, logits.shape[0], logits.device)
     with _autocast_off(logits.device):
         x, y = _sanitise(logits.float(), _float_target(target).float(), mask)
+        _check_unit_interval(y)
         log_p = F.logsigmoid(x)
         log_not_p = F.logsigmoid(-x)
         cross_entropy = -(y * log_p + (1.0 - y) * log_not_p)
@@ -215,6 +228,7 @@ def bce_with_logits_loss(logits: Tensor, target: Tensor, present: Tensor | None 
     logits = _match_shapes(logits, target)
     mask = _check_present(present, logits.shape[0], logits.device)
     x, y = _sanitise(logits, _float_target(target).to(logits.dtype), mask)
+    _check_unit_interval(y)
     per_element = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     return _masked_row_mean(per_element, mask)
 
@@ -282,6 +296,12 @@ def cross_entropy_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     mask = _check_present(present, logits.shape[0], logits.device)
     x, y = _sanitise(logits, target.long(), mask, fill_target=0)
+    n_classes = logits.shape[1]
+    out_of_range = (y < 0) | (y >= n_classes)
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
+        )
     per_row = F.cross_entropy(x, y, reduction="none", label_smoothing=label_smoothing)
     return _masked_row_mean(per_row, mask)
 

@@ -113,6 +113,30 @@ class Batch:
         )
 
 
+def _check_target_values(spec: TaskSpec, target: Tensor, present: Tensor) -> None:
+    """Refuse targets the task's loss cannot take, on present rows only (NaN is left to the
+    trainer's NaN guard): binary labels outside ``[0, 1]``, class indices outside
+    ``[0, n_classes)`` or of a non-integer dtype."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"targets[{spec.name!r}] must be a torch.Tensor, got {type(target).__name__}")
+    rows = target[present] if present.dim() == 1 and target.dim() >= 1 else target
+    if spec.kind == "binary":
+        bad = (rows < 0) | (rows > 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets[{spec.name!r}] (binary) must hold labels in [0, 1] on present rows, got {float(rows[bad][0])}"
+            )
+    elif spec.kind == "multiclass":
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"targets[{spec.name!r}] (multiclass) must hold integer class indices, got dtype {rows.dtype}")
+        bad = (rows < 0) | (rows >= int(spec.n_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets[{spec.name!r}] (multiclass) must hold class indices in [0, {spec.n_classes}) on "
+                f"present rows, got {int(rows[bad][0])}"
+            )
+
+
 class MultiTaskDataset(Dataset):
     """Tensors for a multi-task problem; indexing returns a row index, collated into a Batch.
 
@@ -150,6 +174,8 @@ class MultiTaskDataset(Dataset):
         for t in self.task_names:
             if self.targets[t].shape[0] != n or self.present[t].shape[0] != n:
                 raise ValueError(f"task {t!r}: targets/present must have {n} rows")
+        for spec in self.task_specs:
+            _check_target_values(spec, self.targets[spec.name], self.present[spec.name])
         self.extras = dict(extras or {})
 
     def __len__(self) -> int:

@@ -85,6 +85,7 @@ from mtlbook.balancing import PCGrad, build_balancer
 from mtlbook.data.batch import Batch, MultiTaskDataset, make_loader
 from mtlbook.losses import LOSS_TASK_KINDS, present_tasks, task_losses
 from mtlbook.train.checkpoint import (
+    CheckpointError,
     atomic_save,
     capture_rng_state,
     check_fingerprint,
@@ -108,7 +109,7 @@ from mtlbook.train.history import History
 from mtlbook.train.metrics import METRIC_FOR_KIND, task_metric
 from mtlbook.train.schedules import build_phase1_scheduler, build_phase2_scheduler
 
-__all__ = ["CHECKPOINT_FORMAT", "EarlyStopping", "Trainer", "TrainingWarning", "is_out_of_memory"]
+__all__ = ["CHECKPOINT_FORMAT", "EarlyStopping", "Trainer", "TrainingDivergedError", "TrainingWarning", "is_out_of_memory"]
 
 CHECKPOINT_FORMAT = "mtlbook.trainer/1"
 _REQUIRED_MODEL_API = ("task_names", "task_specs", "shared_parameters", "shared_experts", "gate_parameters",
@@ -117,6 +118,15 @@ _REQUIRED_MODEL_API = ("task_names", "task_specs", "shared_parameters", "shared_
 
 class TrainingWarning(UserWarning):
     """Emitted by :meth:`Trainer.fit` when batches were skipped."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The weights stopped being finite or exploded; the last checkpoint was left untouched."""
+
+
+#: Largest absolute parameter value the divergence guard accepts; beyond it (or at a NaN/inf
+#: in any parameter or buffer) training stops and no checkpoint is written.
+DIVERGED_WEIGHT = 1e8
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -325,6 +335,7 @@ class Trainer:
         self._ddp: nn.Module | None = None
         self._ddp_signature: tuple[bool, ...] | None = None
         self._grads_unsynced = False  # a no_sync backward left local gradients in .grad
+        self._warned_monitor = False  # a non-finite validation metric was reported
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_device(self) -> torch.device:
@@ -628,6 +639,7 @@ class Trainer:
         elif not self._resumed and self.epoch == 0 and self.optimizer is None and self.config.seed is not None:
             _seed_everything(self.config.seed)
         cfg = self.config
+        self._check_has_targets(train_data, "train_data")
         train_loader = self._as_loader(train_data, train=True)
         val_loader = None if val_data is None else self._as_loader(val_data, train=False)
         self._loader_generator = getattr(train_loader, "generator", None)
@@ -669,6 +681,25 @@ class Trainer:
             )
         return self.history
 
+    def _check_has_targets(self, data: Any, name: str) -> None:
+        """Refuse data with no rows or without a single present target (cheap cases only:
+        a dataset, a DataLoader over one, a list of Batch; other iterables are checked
+        after their first epoch)."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if isinstance(dataset, MultiTaskDataset):
+            if len(dataset) == 0:
+                raise ValueError(f"{name} is empty (0 rows): refusing to train on nothing")
+            if not any(bool(dataset.present[t].any()) for t in self.task_names if t in dataset.present):
+                raise ValueError(f"{name} has no present target for any task: refusing to train on nothing")
+        elif isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError(f"{name} is empty (no batches): refusing to train on nothing")
+            for batch in data:
+                if not isinstance(batch, Batch):
+                    raise TypeError(f"{name} must hold Batch objects, got {type(batch).__name__}")
+            if not any(bool(m.any()) for batch in data for t, m in batch.present.items() if t in self.task_names):
+                raise ValueError(f"{name} has no present target for any task: refusing to train on nothing")
+
     def _phase_length(self) -> int:
         return self.config.phase1_epochs if self.phase == 1 else self.config.phase2_epochs
 
@@ -681,12 +712,19 @@ class Trainer:
             bar.set_postfix(phase=self.phase, loss=f"{record['train']['loss']:.4g}")
 
     def _finish_phase(self) -> None:
-        """Load the phase's best weights if asked (keeping the current gate-freeze flag)."""
+        """Load the phase's best weights if asked (keeping the current gate-freeze flag).
+
+        ``last.pt``, if the phase's last epoch wrote it, is then rewritten so it holds the
+        weights ``fit`` returns (resuming from it restores the same best weights again: the
+        step is idempotent).
+        """
         best = self.early_stopping.best_state
         if self.config.restore_best and best is not None:
             frozen = bool(self.model.gates_frozen)
             self.model.load_state_dict(best)
             self.model.freeze_gates(frozen)
+            if self.checkpoint_path is not None and self.epoch % self.config.checkpoint_every == 0:
+                self.save_checkpoint(self.checkpoint_path)  # replaces the one of the phase's last epoch
 
     # ------------------------------------------------------------------ one epoch
     def _run_epoch(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None) -> dict[str, Any]:
@@ -744,23 +782,75 @@ class Trainer:
             self._sync_gate_cofreeze()
 
         # early stopping on validation data only
-        record["best"], record["stopped_early"] = False, False
+        record["best"], record["stopped_early"], record["monitor_nan"] = False, False, False
         if record["val"] is not None:
             if cfg.monitor not in record["val"]:
                 raise ValueError(
                     f"TrainerConfig.monitor={cfg.monitor!r} is not a validation metric; available: {sorted(record['val'])}"
                 )
-            state = self.model.state_dict() if cfg.restore_best else None
-            record["best"] = self.early_stopping.update(float(record["val"][cfg.monitor]), self.epoch, state)
+            value = float(record["val"][cfg.monitor])
+            if math.isfinite(value):
+                state = self.model.state_dict() if cfg.restore_best else None
+                record["best"] = self.early_stopping.update(value, self.epoch, state)
+            else:
+                # neither an improvement nor a bad epoch: recorded, warned about, not counted
+                record["monitor_nan"] = True
+                self._warn_monitor_not_finite(value)
             record["stopped_early"] = self.early_stopping.stopped
 
         record["time_s"] = time.perf_counter() - started
+        problem = self._weights_problem()
+        if problem is not None:
+            kept = "" if self.checkpoint_path is None else f"; {str(self.checkpoint_path)!r} still holds the last good state"
+            raise TrainingDivergedError(
+                f"training diverged in epoch {self.epoch} (phase {self.phase}): {problem}{kept}. "
+                "Lower TrainerConfig.lr (or expert_lr), keep grad_clip, or check the data"
+            )
+        if counters["batches"] == 0:
+            raise ValueError("train_data yielded no batches: refusing to train on nothing")
         self.history.append(record)
         self.epoch += 1
         self.phase_epoch += 1
         if self.checkpoint_path is not None and self.epoch % cfg.checkpoint_every == 0:
             self.save_checkpoint(self.checkpoint_path)
         return record
+
+    @torch.no_grad()
+    def _weights_problem(self) -> str | None:
+        """What is wrong with the weights (a non-finite value in a parameter or a model
+        buffer, or a parameter beyond :data:`DIVERGED_WEIGHT`), or ``None`` when sane.
+
+        The balancer's and adaTT's buffers are not checked: some hold NaN on purpose
+        (DWA's and GradNorm's "not seen yet" markers)."""
+        tensors: list[tuple[str, Tensor, bool]] = []
+        tensors += [(f"model.{n}", p, True) for n, p in self.model.named_parameters()]
+        tensors += [(f"model.{n}", b, False) for n, b in self.model.named_buffers()]
+        tensors += [(f"balancer.{n}", p, True) for n, p in self.balancer.named_parameters()]
+        if self.adatt is not None:
+            tensors += [(f"adatt.{n}", p, True) for n, p in self.adatt.named_parameters()]
+        for name, tensor, is_param in tensors:
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds non-finite values"
+            if is_param:
+                largest = float(tensor.detach().abs().max())
+                if largest > DIVERGED_WEIGHT:
+                    return f"{name} reached |w| = {largest:.3g} > {DIVERGED_WEIGHT:.0e}"
+        return None
+
+    def _warn_monitor_not_finite(self, value: float) -> None:
+        """Warn (once per trainer) that the monitored validation metric is not finite."""
+        if self._warned_monitor or not self.is_main_process:
+            return
+        self._warned_monitor = True
+        warnings.warn(
+            f"validation metric {self.config.monitor!r} = {value} in epoch {self.epoch} (empty validation data, a NaN "
+            "target, or an AUC on a single class?); such epochs count neither as an improvement nor toward "
+            "patience and are marked 'monitor_nan' in the history",
+            TrainingWarning,
+            stacklevel=3,
+        )
 
     @torch.no_grad()
     def _snapshots(self) -> dict[str, Any]:
@@ -1007,6 +1097,9 @@ class Trainer:
         all ranks wait at a barrier, so the file is complete before any rank goes on (and
         may, for instance, resume from it).
         """
+        problem = self._weights_problem()
+        if problem is not None:
+            raise TrainingDivergedError(f"refusing to write checkpoint {str(path)!r}: {problem}")
         written = atomic_save(self.state_dict(), path) if self.is_main_process else None
         if self.distributed is not None:
             self.distributed.barrier()
@@ -1019,7 +1112,14 @@ class Trainer:
         buffer names/shapes differ) or a different configuration (any field except
         ``progress``, ``checkpoint_dir``, ``checkpoint_every`` and ``device``).
         """
-        self.load_state_dict(load_file(path, map_location=self.device))
+        state = load_file(path, map_location=self.device)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, IndexError, AttributeError) as error:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is incomplete or malformed ({type(error).__name__}: {error}); "
+                "it was not written by this version of the trainer, or it is damaged"
+            ) from None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; see :meth:`load_checkpoint`."""
