@@ -193,7 +193,9 @@ class UncertaintyBalancer(LossBalancer):
     :math:`L_i' = L_i / (2\sigma_i^2) + \tfrac12\log\sigma_i^2`. The ``log_var`` parameters
     are a submodule's ``nn.Parameter``: the trainer must give ``balancer.parameters()`` to
     its optimizer and call :meth:`after_optimizer_step` after each step (which keeps
-    ``log_var`` in ``[-4, 4]``). :meth:`weights` reports :math:`1/(2\sigma_i^2)`.
+    ``log_var`` in ``[-4, 4]``; :meth:`weight_losses` projects as well before using it, so a
+    training loop that does not call the hook still never uses an out-of-range value).
+    :meth:`weights` reports :math:`1/(2\sigma_i^2)`.
     """
 
     def __init__(self, n_tasks: int) -> None:
@@ -202,6 +204,8 @@ class UncertaintyBalancer(LossBalancer):
 
     def weight_losses(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:
         task_losses, present = self._check_losses(task_losses, present)
+        # a loop that does not call after_optimizer_step still never uses an out-of-range s_i
+        self.uncertainty.project_()
         return self.uncertainty(task_losses, present)
 
     def after_optimizer_step(self) -> None:

@@ -474,7 +474,6 @@ def train_with_diagnostics(
                 opt.zero_grad(set_to_none=True)
                 weighting.backward(weighted.sum(), weighted, shared)
                 opt.step()
-                weighting.after_optimizer_step()
 
                 effective = measured.norms * weights.double()
                 record["epoch"].append(epoch)

@@ -525,8 +525,8 @@ class UncertaintyWeighting(nn.Module):
     **The range** ``[-4, 4]`` (:attr:`LOG_VAR_RANGE`, so the precision
     :math:`e^{-s_i}` stays in :math:`[e^{-4}, e^4] \approx [0.018, 54.6]`) is kept by
     :meth:`project_`, which clamps the parameter in place and must be called after every
-    optimizer step (the :class:`~mtlbook.train.Trainer` and
-    :func:`~mtlbook.diagnostics.train_with_diagnostics` do). The forward pass is the plain
+    optimizer step (the :class:`~mtlbook.train.Trainer` does; the
+    :class:`~mtlbook.balancing.UncertaintyBalancer` also projects before each use). The forward pass is the plain
     formula, so the gradient never vanishes: a task whose loss sat below :math:`e^{-4}` for
     a while and then rises pulls :math:`s_i` back up at once (a clamp inside the forward
     pass would leave a parameter that overshot the bound with zero gradient for good).
