@@ -85,12 +85,29 @@ class Batch:
     present: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Tensor) or self.inputs.dim() < 1:
+            raise TypeError(f"inputs must be a torch.Tensor [batch, ...], got {type(self.inputs).__name__}")
+        if not isinstance(self.targets, Mapping):
+            raise TypeError(f"targets must be a dict {{task name: tensor}}, got {type(self.targets).__name__}")
+        if not isinstance(self.present, Mapping):
+            raise TypeError(f"present must be a dict {{task name: bool tensor}}, got {type(self.present).__name__}")
+        self.targets, self.present = dict(self.targets), dict(self.present)
         n = self.inputs.shape[0]
         for name, t in self.targets.items():
+            if not isinstance(t, Tensor) or t.dim() < 1:
+                raise TypeError(f"targets[{name!r}] must be a torch.Tensor [batch, ...], got {type(t).__name__}")
             if t.shape[0] != n:
                 raise ValueError(
                     f"targets[{name!r}] has {t.shape[0]} rows but inputs have {n}"
                 )
+        for name, mask in self.present.items():
+            if name not in self.targets:
+                raise ValueError(f"present[{name!r}] names a task without targets; tasks: {sorted(self.targets)}")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"present[{name!r}] must be a bool tensor [batch], got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if mask.shape != (n,):
+                raise ValueError(f"present[{name!r}] must have shape [{n}], got {list(mask.shape)}")
+        for name, t in self.targets.items():
             if name not in self.present:
                 self.present[name] = torch.ones(n, dtype=torch.bool, device=t.device)
 
@@ -224,6 +241,8 @@ def make_loader(
 
     Shuffling uses its own ``torch.Generator`` seeded with ``seed`` so that runs repeat.
     """
+    if not isinstance(dataset, MultiTaskDataset):
+        raise TypeError(f"dataset must be a MultiTaskDataset, got {type(dataset).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     generator = torch.Generator().manual_seed(seed)

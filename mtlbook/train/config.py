@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
 from mtlbook.losses import LOSSES
 
 __all__ = [
@@ -71,6 +73,16 @@ def _check_positive(value: Any, field_name: str) -> None:
         _fail(field_name, "a finite number > 0", value)
 
 
+#: Largest accepted learning rate: AdamW moves a weight by about lr per step, so beyond it
+#: the weights leave any sensible range within a few steps (and overflow soon after).
+MAX_LR = 10.0
+
+
+def _check_rate(value: Any, field_name: str) -> None:
+    if not _is_number(value) or not 0 < value <= MAX_LR:
+        _fail(field_name, f"a finite number in (0, {MAX_LR:g}]", value)
+
+
 def _check_non_negative(value: Any, field_name: str) -> None:
     if not _is_number(value) or value < 0:
         _fail(field_name, "a finite number >= 0", value)
@@ -87,8 +99,8 @@ def _check_expert_dict(value: Any, field_name: str, positive: bool) -> None:
     for index, v in value.items():
         if not _is_int(index) or index < 0:
             _fail(field_name, "a dict keyed by shared expert index (int >= 0)", value)
-        if not _is_number(v) or v < 0 or (positive and v == 0):
-            _fail(f"{field_name}[{index}]", "a finite number > 0" if positive else "a finite number >= 0", v)
+        if not _is_number(v) or v < 0 or (positive and (v == 0 or v > MAX_LR)):
+            _fail(f"{field_name}[{index}]", f"a finite number in (0, {MAX_LR:g}]" if positive else "a finite number >= 0", v)
 
 
 @dataclass
@@ -256,7 +268,7 @@ class TrainerConfig:
         _check_int(self.batch_size, "batch_size", 1)
         if self.eval_batch_size is not None:
             _check_int(self.eval_batch_size, "eval_batch_size", 1)
-        _check_positive(self.lr, "lr")
+        _check_rate(self.lr, "lr")
         _check_non_negative(self.weight_decay, "weight_decay")
         betas = self.betas
         if (
@@ -307,6 +319,11 @@ class TrainerConfig:
             _fail("amp", f"one of {AMP_MODES}", self.amp)
         if self.device is not None and (not isinstance(self.device, str) or not self.device):
             _fail("device", "None or a device string such as 'cpu' or 'cuda'", self.device)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                _fail("device", "None or a device string torch knows, such as 'cpu', 'cuda', 'cuda:1' or 'mps'", self.device)
         if self.amp == "fp16" and self.device is not None and self.device.startswith("cpu"):
             _fail("amp", "'off', 'bf16' or 'auto' on a CPU device (fp16 autocast needs CUDA)", self.amp)
 

@@ -346,7 +346,20 @@ class Trainer:
                 raise ValueError(f"TrainerConfig.device={requested!r} does not fit the nccl backend (CUDA only)")
             return torch.device("cuda", self.distributed.local_rank)
         if requested:
-            return torch.device(requested)
+            device = torch.device(requested)
+            if device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise ValueError(f"TrainerConfig.device={requested!r} needs CUDA, which this machine does not have; use 'cpu'")
+                if device.index is not None and device.index >= torch.cuda.device_count():
+                    raise ValueError(
+                        f"TrainerConfig.device={requested!r} does not exist: this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}"
+                    )
+            elif device.type == "mps" and not torch.backends.mps.is_available():
+                raise ValueError(f"TrainerConfig.device={requested!r} needs Apple MPS, which is not available; use 'cpu'")
+            elif device.type not in ("cpu", "cuda", "mps"):
+                raise ValueError(f"TrainerConfig.device={requested!r} is not supported: use 'cpu', 'cuda[:i]' or 'mps'")
+            return device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     def _check_config_against_model(self, model: nn.Module) -> None:
         cfg, names = self.config, set(self.task_names)
