@@ -233,3 +233,91 @@ def test_temporary_files_of_killed_writes_are_cleaned_on_the_next_save(tmp_path)
     atomic_save({"a": torch.ones(1)}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
     assert clean_stale_temporaries(target) == []
+
+
+# ------------------------------------------------------------------ defect 6: interrupted fit
+class Interrupt(Exception):
+    pass
+
+
+def test_fit_after_an_interrupt_mid_epoch_is_refused_and_so_is_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(make_model(), make_config(checkpoint_dir=str(tmp_path)))
+    original = Trainer._train_batch
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if self.epoch == 1 and len(calls) == 6:  # the second batch of epoch 1 (4 batches per epoch)
+            raise Interrupt("Ctrl-C")
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_batch", interrupted)
+    with pytest.raises(Interrupt):
+        trainer.fit(make_dataset(64))
+    monkeypatch.setattr(Trainer, "_train_batch", original)
+    steps = trainer.step
+    with pytest.raises(RuntimeError, match="interrupted in the middle of epoch 1"):
+        trainer.fit(make_dataset(64))
+    with pytest.raises(RuntimeError, match="middle of epoch 1"):
+        trainer.save_checkpoint(tmp_path / "mid.pt")
+    assert trainer.step == steps and not (tmp_path / "mid.pt").exists()
+    # the way out: resume from the last checkpoint, which ends exactly like an uninterrupted run
+    trainer.fit(make_dataset(64), resume_from=tmp_path / "last.pt")
+    reference = Trainer(make_model(), make_config())
+    reference.fit(make_dataset(64))
+    assert trainer.step == reference.step == 12
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+
+
+# ------------------------------------------------------------------ defect 7: OOM in validation
+def test_out_of_memory_in_validation_splits_the_batch_instead_of_crashing(monkeypatch):
+    trainer = Trainer(make_model(), make_config(phase1_epochs=1))
+    trainer.fit(make_dataset(32))
+    val = make_dataset(40, seed=2)
+    expected = Trainer(make_model(), make_config(phase1_epochs=1, eval_batch_size=8))
+    expected.model.load_state_dict(trainer.model.state_dict())
+    reference = expected.evaluate(val)  # batches of 8: fit in "memory"
+
+    forward = type(trainer.model).forward
+
+    def limited(self, x):
+        if not self.training and x.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, x)
+
+    monkeypatch.setattr(type(trainer.model), "forward", limited)
+    result = trainer.evaluate(val)  # eval batch 16 > 8: split, not crashed, no row lost
+    assert result.keys() == reference.keys()
+    for key, value in reference.items():
+        assert result[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+# ------------------------------------------------------------------ defect 8: resume settings
+def test_resume_compares_adatt_settings_dropout_and_task_kinds(tmp_path):
+    from mtlbook.adatt import AdaptiveTaskTransfer
+    from mtlbook.data.batch import TaskSpec
+
+    cfg = make_config(phase1_epochs=1, checkpoint_dir=str(tmp_path))
+    Trainer(make_model(), cfg, adatt=AdaptiveTaskTransfer(SPECS_NAMES, temperature=1.0)).fit(make_dataset(32))
+    other_t = Trainer(make_model(), cfg, adatt=AdaptiveTaskTransfer(SPECS_NAMES, temperature=0.5))
+    with pytest.raises(ValueError, match="temperature"):
+        other_t.load_checkpoint(tmp_path / "last.pt")
+    other_freeze = Trainer(make_model(), cfg, adatt=AdaptiveTaskTransfer(SPECS_NAMES, freeze_epoch=4))
+    with pytest.raises(ValueError, match="freeze_epoch"):
+        other_freeze.load_checkpoint(tmp_path / "last.pt")
+    torch.manual_seed(0)
+    dropped = PLE(5, SPECS, n_levels=1, n_shared_experts=2, expert_hidden=(8,), expert_dim=6, tower_hidden=(6,), dropout=0.3)
+    with pytest.raises(ValueError, match="dropout"):
+        Trainer(dropped, cfg, adatt=AdaptiveTaskTransfer(SPECS_NAMES)).load_checkpoint(tmp_path / "last.pt")
+    Trainer(make_model(), cfg, adatt=AdaptiveTaskTransfer(SPECS_NAMES)).load_checkpoint(tmp_path / "last.pt")  # same: fine
+
+    # data whose task has the model's name but another kind is refused
+    data = make_dataset(16)
+    specs = (SPECS[0], TaskSpec("value", "binary"), SPECS[2])
+    relabeled = MultiTaskDataset(data.inputs, {**data.targets, "value": torch.zeros(16)}, specs)
+    with pytest.raises(ValueError, match="task_specs"):
+        Trainer(make_model(), make_config(phase1_epochs=1)).fit(relabeled)
+
+
+SPECS_NAMES = tuple(s.name for s in SPECS)

@@ -270,6 +270,15 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], ign
                 + ", ".join(f"{n} {stored_tensors[n]} vs {current_tensors[n]}" for n in reshaped[:5])
             )
         raise ValueError("checkpoint was written for a different model: " + "; ".join(parts))
+    if "settings" in stored:  # checkpoints written before settings were recorded skip this
+        stored_settings, current_settings = dict(stored["settings"]), dict(current.get("settings", {}))
+        if stored_settings != current_settings:
+            diff = [
+                f"{k}: checkpoint {stored_settings.get(k, '<absent>')!r} vs current {current_settings.get(k, '<absent>')!r}"
+                for k in sorted(set(stored_settings) | set(current_settings))
+                if stored_settings.get(k, "<absent>") != current_settings.get(k, "<absent>")
+            ]
+            raise ValueError("checkpoint was written with different settings: " + "; ".join(diff))
     stored_config = {k: v for k, v in dict(stored.get("config", {})).items() if k not in ignore}
     current_config = {k: v for k, v in dict(current.get("config", {})).items() if k not in ignore}
     if stored_config != current_config:

@@ -116,6 +116,11 @@ _REQUIRED_MODEL_API = ("task_names", "task_specs", "shared_parameters", "shared_
                        "gate_entropy", "freeze_gates")  # fmt: skip
 
 
+#: adaTT hyperparameters compared when a checkpoint is resumed.
+_ADATT_SETTINGS = ("transfer_lambda", "temperature", "negative_threshold", "grad_interval", "max_transfer_ratio",
+                   "warmup_epochs", "freeze_epoch", "prior_blend_start", "prior_blend_end", "blocking")  # fmt: skip
+
+
 class TrainingWarning(UserWarning):
     """Emitted by :meth:`Trainer.fit` when batches were skipped."""
 
@@ -336,6 +341,9 @@ class Trainer:
         self._ddp_signature: tuple[bool, ...] | None = None
         self._grads_unsynced = False  # a no_sync backward left local gradients in .grad
         self._warned_monitor = False  # a non-finite validation metric was reported
+        # set while an epoch runs: an interrupt leaves it set, and the weights then hold a
+        # partial epoch that neither fit nor a checkpoint could continue exactly
+        self._epoch_in_progress: int | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_device(self) -> torch.device:
@@ -550,6 +558,12 @@ class Trainer:
         if isinstance(data, MultiTaskDataset):
             if tuple(data.task_names) != self.task_names:
                 raise ValueError(f"dataset tasks {data.task_names} must equal the model's {self.task_names}")
+            ours = [(s.name, s.kind, s.n_classes) for s in self.task_specs]
+            theirs = [(s.name, s.kind, s.n_classes) for s in data.task_specs]
+            if ours != theirs:
+                raise ValueError(
+                    f"dataset task_specs {theirs} must match the model's {ours} (name, kind, number of classes)"
+                )
             batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
             if self.distributed is not None:
                 return self._distributed_loader(data, batch_size, train)
@@ -647,6 +661,12 @@ class Trainer:
                 continues right after its epoch. ``fit`` also continues after an explicit
                 :meth:`load_checkpoint`. A finished run returns at once.
         """
+        if resume_from is None and self._epoch_in_progress is not None:
+            raise RuntimeError(
+                f"the previous fit() was interrupted in the middle of epoch {self._epoch_in_progress}: the weights hold "
+                "part of that epoch, and running it again would apply those batches twice. Resume from the last "
+                "checkpoint (fit(..., resume_from=path) or load_checkpoint(path)) or start a new Trainer"
+            )
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         elif not self._resumed and self.epoch == 0 and self.optimizer is None and self.config.seed is not None:
@@ -743,6 +763,7 @@ class Trainer:
     def _run_epoch(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None) -> dict[str, Any]:
         started = time.perf_counter()
         cfg = self.config
+        self._epoch_in_progress = self.epoch
         self.model.train()
         self.balancer.train()
         if self.adatt is not None:
@@ -820,10 +841,12 @@ class Trainer:
                 "Lower TrainerConfig.lr (or expert_lr), keep grad_clip, or check the data"
             )
         if counters["batches"] == 0:
+            self._epoch_in_progress = None  # nothing was trained: the weights are untouched
             raise ValueError("train_data yielded no batches: refusing to train on nothing")
         self.history.append(record)
         self.epoch += 1
         self.phase_epoch += 1
+        self._epoch_in_progress = None
         if self.checkpoint_path is not None and self.epoch % cfg.checkpoint_every == 0:
             self.save_checkpoint(self.checkpoint_path)
         return record
@@ -995,14 +1018,33 @@ class Trainer:
         sums = _MetricSums(self.task_specs, self.device)
         try:
             for batch in loader:
-                batch = batch.to(self.device)
-                with self._autocast():
-                    outputs = self.model(batch.inputs)
-                    raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
-                sums.add(raw.float(), outputs, batch)
+                self._evaluate_batch(batch.to(self.device), sums)
         finally:
             self.model.train(was_training)
         return self._reduce_metrics(sums)
+
+    def _evaluate_batch(self, batch: Batch, sums: _MetricSums) -> None:
+        """Add one batch to ``sums``; after an out-of-memory error, retry it in two halves.
+
+        Validation must not skip rows (the metrics would silently change), so a batch that
+        does not fit is split until it does; a single row that still does not fit, or any
+        OOM under DDP (the other ranks wait in collectives), re-raises.
+        """
+        try:
+            with self._autocast():
+                outputs = self.model(batch.inputs)
+                raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
+        except Exception as error:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not is_out_of_memory(error) or self.distributed is not None or len(batch) <= 1:
+                raise
+            outputs = raw = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            for part in (slice(0, half), slice(half, len(batch))):
+                self._evaluate_batch(_slice_batch(batch, part), sums)
+            return
+        sums.add(raw.float(), outputs, batch)
 
     def _reduce_metrics(self, sums: _MetricSums) -> dict[str, float]:
         """Turn one pass's sums into the flat metric dict, reduced over every rank.
@@ -1065,7 +1107,24 @@ class Trainer:
         return {
             "tensors": model_fingerprint(("model", self.model), ("adatt", self.adatt), ("balancer", self.balancer)),
             "config": self.config.to_dict(),
+            "settings": self._settings(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What shapes do not show but a resumed run must share: the tasks (kind and number
+        of classes), the model's dropout rates and adaTT's hyperparameters (also when adaTT
+        was passed as an object rather than through ``config.adatt``)."""
+        settings: dict[str, Any] = {
+            "tasks": [[s.name, s.kind, s.n_classes] for s in self.task_specs],
+            "dropout": [float(m.p) for m in self.model.modules() if isinstance(m, nn.Dropout)],
+        }
+        if self.adatt is not None:
+            settings["adatt"] = {
+                name: getattr(self.adatt, name)
+                for name in _ADATT_SETTINGS
+                if isinstance(getattr(self.adatt, name, None), (int, float, str, bool))
+            }
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue the run exactly (plain types only)."""
@@ -1109,10 +1168,20 @@ class Trainer:
         Distributed: call it on every rank. Rank 0 writes (the others return ``None``) and
         all ranks wait at a barrier, so the file is complete before any rank goes on (and
         may, for instance, resume from it).
+
+        Refuses (and leaves ``path`` untouched) when the weights are not finite or exploded
+        (:class:`TrainingDivergedError`) and in the middle of an epoch, e.g. after an
+        interrupted ``fit`` (``RuntimeError``): such a file could not be resumed exactly.
         """
         problem = self._weights_problem()
         if problem is not None:
             raise TrainingDivergedError(f"refusing to write checkpoint {str(path)!r}: {problem}")
+        if self._epoch_in_progress is not None:
+            raise RuntimeError(
+                f"refusing to write checkpoint {str(path)!r} in the middle of epoch {self._epoch_in_progress}: it could "
+                "not be resumed exactly (checkpoints are taken at epoch boundaries; the trainer writes them itself "
+                "with TrainerConfig.checkpoint_dir)"
+            )
         written = atomic_save(self.state_dict(), path) if self.is_main_process else None
         if self.distributed is not None:
             self.distributed.barrier()
@@ -1161,6 +1230,16 @@ class Trainer:
         self._pending_rng = state["rng"]
         restore_rng_state(state["rng"])
         self._resumed = True
+        self._epoch_in_progress = None
+
+
+def _slice_batch(batch: Batch, rows: slice) -> Batch:
+    """Rows ``rows`` of ``batch`` (views, no copy)."""
+    return Batch(
+        batch.inputs[rows],
+        {k: v[rows] for k, v in batch.targets.items()},
+        {k: v[rows] for k, v in batch.present.items()},
+    )
 
 
 def _seed_everything(seed: int) -> None:
