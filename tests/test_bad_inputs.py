@@ -17,7 +17,7 @@ import mtlbook.toy as toy
 from mtlbook import diagnostics as dg
 from mtlbook.adatt import AdaptiveTaskTransfer, TaskAffinityComputer, build_group_prior
 from mtlbook.balancing import DWA, GradNorm, PCGrad, UncertaintyBalancer, build_balancer
-from mtlbook.data import make_loader, make_mmoe_synthetic, make_suite_regime, make_task_suite
+from mtlbook.data import load_census_income, load_cmapss, make_loader, make_mmoe_synthetic, make_suite_regime, make_task_suite
 from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec
 from mtlbook.data.cmapss_health import cap_rul, class_balance, health_state, split_units, window_features
 from mtlbook.losses import (
@@ -112,6 +112,10 @@ CASES: list[Case] = [
     ("make_task_suite loss_scale_ratio=0", lambda: make_task_suite(10, loss_scale_ratio=0.0), ValueError, "loss_scale_ratio"),
     ("make_task_suite kinds", lambda: make_task_suite(10, kinds="weird"), ValueError, "kinds"),
     ("make_task_suite noise_std=nan", lambda: make_task_suite(10, noise_std=NAN), ValueError, "noise_std"),
+    ("load_census_income fractions words", lambda: load_census_income(fractions=("a", "b", "c")), TypeError, "fractions"),
+    ("load_census_income fractions sum", lambda: load_census_income(fractions=(0.5, 0.5, 0.5)), ValueError, "fractions"),
+    ("load_cmapss subset", lambda: load_cmapss("FD009"), ValueError, "subset"),
+    ("load_cmapss rul_cap=0", lambda: load_cmapss(rul_cap=0), ValueError, "rul_cap"),
     ("make_suite_regime regime", lambda: make_suite_regime("nope", 10), ValueError, "regime"),
     ("cap_rul cap=0", lambda: cap_rul([1, 2], cap=0), ValueError, "cap"),
     ("cap_rul negative rul", lambda: cap_rul([-1, 2]), ValueError, "rul"),
@@ -223,6 +227,8 @@ CASES: list[Case] = [
     ("TrainerConfig patience=0", lambda: cfg(patience=0), ValueError, "patience"),
     ("TrainerConfig checkpoint_every=0", lambda: cfg(checkpoint_every=0), ValueError, "checkpoint_every"),
     ("TrainerConfig seed=float", lambda: cfg(seed=1.5), (TypeError, ValueError), "seed"),
+    ("TrainerConfig ddp_timeout_s=0", lambda: cfg(ddp_timeout_s=0), ValueError, "ddp_timeout_s"),
+    ("TrainerConfig ddp_timeout_s=inf", lambda: cfg(ddp_timeout_s=INF), ValueError, "ddp_timeout_s"),
     ("TrainerConfig adatt_sync", lambda: cfg(adatt_sync="sometimes"), ValueError, "adatt_sync"),
     ("TrainerConfig expert_lr negative", lambda: cfg(expert_lr={0: -1.0}), ValueError, "expert_lr"),
     ("Trainer model", lambda: Trainer("model"), TypeError, "model"),

@@ -45,10 +45,11 @@ ADATT_SYNC_MODES: tuple[str, ...] = ("exact", "cheap")
 # Fields that may change between an interrupted run and its resumption: they steer where
 # and how loudly a run reports, not what it computes.
 RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
-    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters"}
+    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters", "ddp_timeout_s"}
 )
 #: Fields added after checkpoints already existed, with the value an older checkpoint implies.
-CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False}
+CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False,
+                                             "ddp_timeout_s": 1800.0}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
@@ -222,6 +223,9 @@ class TrainerConfig:
         for mtlbook models (every trainable parameter gets a gradient, also from a task
         without targets in the batch); set it for a custom model whose forward skips
         trainable parameters on some batches.
+    ``ddp_timeout_s``
+        how long a collective may wait for the other ranks before the run fails (seconds,
+        default 1800, torch's own default); lower it to learn of a dead rank sooner.
     """
 
     phase1_epochs: int = 15
@@ -261,6 +265,7 @@ class TrainerConfig:
     progress: bool = True
     adatt_sync: str = "exact"
     ddp_find_unused_parameters: bool = False
+    ddp_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _check_int(self.phase1_epochs, "phase1_epochs", 0)
@@ -351,6 +356,8 @@ class TrainerConfig:
             _fail("adatt_sync", f"one of {ADATT_SYNC_MODES}", self.adatt_sync)
         if not isinstance(self.ddp_find_unused_parameters, bool):
             _fail("ddp_find_unused_parameters", "a bool", self.ddp_find_unused_parameters)
+        if not _is_number(self.ddp_timeout_s) or self.ddp_timeout_s <= 0:
+            _fail("ddp_timeout_s", "a finite number of seconds > 0", self.ddp_timeout_s)
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -273,7 +273,7 @@ class Trainer:
         self._check_config_against_model(model)
 
         # None unless torchrun (or the caller) set up a process group of several ranks
-        self.distributed: DistributedContext | None = init_distributed(device=config.device)
+        self.distributed: DistributedContext | None = init_distributed(device=config.device, timeout_s=config.ddp_timeout_s)
         self.device = self._resolve_device()
         self.amp_dtype = self._resolve_amp()
         if self.device.type == "cuda":
