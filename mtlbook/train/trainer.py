@@ -46,7 +46,13 @@ a GradScaler; with one, fp16 overflow is the scaler's normal business and is onl
 as ``amp_overflow``). An out-of-memory error in the forward/backward
 (``torch.OutOfMemoryError`` or a ``RuntimeError`` mentioning "out of memory") skips the
 batch the same way and is counted in ``record["skipped_oom"]``. ``fit`` warns at the end
-if anything was skipped.
+if anything was skipped. In validation an out-of-memory batch is split in halves instead
+(no row may be dropped from a metric). At the end of every epoch the weights are checked:
+a non-finite value or a parameter beyond ``DIVERGED_WEIGHT`` raises
+:class:`TrainingDivergedError` before any checkpoint could be written over the last good
+one. A non-finite monitored validation metric warns once, is marked ``monitor_nan`` in the
+record and counts neither as an improvement nor toward ``patience``. ``fit`` refuses data
+with no rows or no present target, and a second call after an interrupted epoch.
 
 **Checkpoints** hold everything needed to continue bit-exactly (model with buffers,
 adaTT, balancer, optimizer, scheduler, scaler, every RNG including the loader's shuffling
