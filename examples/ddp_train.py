@@ -57,8 +57,11 @@ def main() -> None:
     parser.add_argument("--adatt-sync", choices=("exact", "cheap"), default="exact")
     parser.add_argument("--checkpoint-dir", default=None, help="folder for last.pt (rank 0 writes it)")
     parser.add_argument("--resume", action="store_true", help="continue from CHECKPOINT_DIR/last.pt")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="collective timeout (TrainerConfig.ddp_timeout_s)")
     parser.add_argument("--comm-table", action="store_true", help="print the adaTT communication table and exit")
     args = parser.parse_args()
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir (the folder holding last.pt)")
     if args.comm_table:
         print(comm_table(args.features))
         return
@@ -80,10 +83,11 @@ def main() -> None:
         adatt={"warmup_epochs": 1, "freeze_epoch": max(2, args.phase1_epochs - 1), "grad_interval": 5},
         adatt_sync=args.adatt_sync,
         checkpoint_dir=args.checkpoint_dir,
+        ddp_timeout_s=args.timeout_s,
         progress=False,
     )
     trainer = Trainer(model, config)  # joins the torchrun process group, if there is one
-    resume = os.path.join(args.checkpoint_dir, "last.pt") if args.resume and args.checkpoint_dir else None
+    resume = os.path.join(args.checkpoint_dir, "last.pt") if args.resume else None
     history = trainer.fit(train, val, resume_from=resume)
     if trainer.is_main_process:
         for record in history.records:

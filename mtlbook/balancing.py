@@ -168,6 +168,12 @@ class LossBalancer(nn.Module):
     def on_epoch_end(self, epoch: int, epoch_mean_losses: Tensor) -> None:
         """Hook called once per epoch with the epoch-mean task losses (default: nothing)."""
 
+    def after_optimizer_step(self) -> None:
+        """Hook called right after every optimizer step (default: nothing).
+
+        :class:`UncertaintyBalancer` projects its log-variances back into their range here.
+        """
+
     def weights(self) -> Tensor:
         """Current task weights ``[n_tasks]`` for logging (default: ones)."""
         return torch.ones(self.n_tasks)
@@ -186,7 +192,10 @@ class UncertaintyBalancer(LossBalancer):
     Wraps :class:`~mtlbook.losses.UncertaintyWeighting`:
     :math:`L_i' = L_i / (2\sigma_i^2) + \tfrac12\log\sigma_i^2`. The ``log_var`` parameters
     are a submodule's ``nn.Parameter``: the trainer must give ``balancer.parameters()`` to
-    its optimizer. :meth:`weights` reports :math:`1/(2\sigma_i^2)`.
+    its optimizer and call :meth:`after_optimizer_step` after each step (which keeps
+    ``log_var`` in ``[-4, 4]``; :meth:`weight_losses` projects as well before using it, so a
+    training loop that does not call the hook still never uses an out-of-range value).
+    :meth:`weights` reports :math:`1/(2\sigma_i^2)`.
     """
 
     def __init__(self, n_tasks: int) -> None:
@@ -195,7 +204,12 @@ class UncertaintyBalancer(LossBalancer):
 
     def weight_losses(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:
         task_losses, present = self._check_losses(task_losses, present)
+        # a loop that does not call after_optimizer_step still never uses an out-of-range s_i
+        self.uncertainty.project_()
         return self.uncertainty(task_losses, present)
+
+    def after_optimizer_step(self) -> None:
+        self.uncertainty.project_()
 
     def weights(self) -> Tensor:
         return self.uncertainty.weights()

@@ -131,6 +131,18 @@ def _check_float(value: Any, name: str, low: float, high: float = math.inf, low_
     return value
 
 
+def _check_unit_interval(y: Tensor, name: str = "target") -> None:
+    """Refuse binary labels outside ``[0, 1]`` (NaN passes: the trainer's NaN guard skips it).
+
+    Outside ``[0, 1]`` cross-entropy is unbounded below (a label of 3 drives it to -1e3)
+    and the focal factor takes the log of a negative number.
+    """
+    bad = (y < 0) | (y > 1)
+    if bool(bad.any()):
+        value = float(y[bad][0])
+        raise ValueError(f"{name} of a binary loss must hold labels in [0, 1] on present rows, got {value}")
+
+
 def _float_target(target: Tensor, name: str = "target") -> Tensor:
     if target.is_complex():
         raise TypeError(f"{name} must be a real tensor, got dtype {target.dtype}")
@@ -189,6 +201,7 @@ def focal_loss(
     mask = _check_present(present, logits.shape[0], logits.device)
     with _autocast_off(logits.device):
         x, y = _sanitise(logits.float(), _float_target(target).float(), mask)
+        _check_unit_interval(y)
         log_p = F.logsigmoid(x)
         log_not_p = F.logsigmoid(-x)
         cross_entropy = -(y * log_p + (1.0 - y) * log_not_p)
@@ -215,6 +228,7 @@ def bce_with_logits_loss(logits: Tensor, target: Tensor, present: Tensor | None 
     logits = _match_shapes(logits, target)
     mask = _check_present(present, logits.shape[0], logits.device)
     x, y = _sanitise(logits, _float_target(target).to(logits.dtype), mask)
+    _check_unit_interval(y)
     per_element = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     return _masked_row_mean(per_element, mask)
 
@@ -282,6 +296,12 @@ def cross_entropy_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     mask = _check_present(present, logits.shape[0], logits.device)
     x, y = _sanitise(logits, target.long(), mask, fill_target=0)
+    n_classes = logits.shape[1]
+    out_of_range = (y < 0) | (y >= n_classes)
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
+        )
     per_row = F.cross_entropy(x, y, reduction="none", label_smoothing=label_smoothing)
     return _masked_row_mean(per_row, mask)
 
@@ -496,22 +516,26 @@ class UncertaintyWeighting(nn.Module):
 
     .. math::
         L_i' = \frac{L_i}{2\sigma_i^2} + \frac12 \log\sigma_i^2, \qquad
-        \sigma_i^2 = \exp(\operatorname{clamp}(s_i, -4, 4)),
+        \sigma_i^2 = \exp(s_i), \qquad s_i \in [-4, 4].
 
-    with the precision :math:`1/\sigma_i^2` additionally clamped to ``[0.001, 100]``. The
-    first term down-weights noisy tasks; the second stops :math:`\sigma_i` from growing
+    The first term down-weights noisy tasks; the second stops :math:`\sigma_i` from growing
     without bound just to silence a loss. Minimising over :math:`s_i` alone gives
     :math:`\sigma_i^2 = L_i`, so the weight tracks the inverse loss scale.
 
-    The clamp on :math:`s_i` is applied in the forward pass: a ``log_var`` outside
-    ``[-4, 4]`` behaves exactly like the bound and receives no gradient.
+    **The range** ``[-4, 4]`` (:attr:`LOG_VAR_RANGE`, so the precision
+    :math:`e^{-s_i}` stays in :math:`[e^{-4}, e^4] \approx [0.018, 54.6]`) is kept by
+    :meth:`project_`, which clamps the parameter in place and must be called after every
+    optimizer step (the :class:`~mtlbook.train.Trainer` does; the
+    :class:`~mtlbook.balancing.UncertaintyBalancer` also projects before each use). The forward pass is the plain
+    formula, so the gradient never vanishes: a task whose loss sat below :math:`e^{-4}` for
+    a while and then rises pulls :math:`s_i` back up at once (a clamp inside the forward
+    pass would leave a parameter that overshot the bound with zero gradient for good).
 
     Tasks marked absent contribute exactly 0 and no gradient reaches their ``log_var``
     (otherwise the regulariser alone would drag :math:`s_i` down on batches without data).
     """
 
     LOG_VAR_RANGE = (-4.0, 4.0)
-    PRECISION_RANGE = (1e-3, 100.0)
 
     def __init__(self, n_tasks: int) -> None:
         super().__init__()
@@ -520,10 +544,10 @@ class UncertaintyWeighting(nn.Module):
         self.n_tasks = n_tasks
         self.log_var = nn.Parameter(torch.zeros(n_tasks))
 
-    def _clamped(self) -> tuple[Tensor, Tensor]:
-        log_var = self.log_var.clamp(*self.LOG_VAR_RANGE)
-        precision = torch.exp(-log_var).clamp(*self.PRECISION_RANGE)
-        return log_var, precision
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clamp ``log_var`` in place to :attr:`LOG_VAR_RANGE` (call after each optimizer step)."""
+        self.log_var.clamp_(*self.LOG_VAR_RANGE)
 
     def forward(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:
         """Weighted losses ``[n_tasks]`` (sum them for the objective).
@@ -535,7 +559,8 @@ class UncertaintyWeighting(nn.Module):
         _check_tensor(task_losses, "task_losses")
         if task_losses.shape != (self.n_tasks,):
             raise ValueError(f"task_losses must have shape [{self.n_tasks}], got {list(task_losses.shape)}")
-        log_var, precision = self._clamped()
+        log_var = self.log_var
+        precision = torch.exp(-log_var)
         losses = task_losses.to(precision.dtype)
         if present is None:
             return 0.5 * precision * losses + 0.5 * log_var
@@ -548,8 +573,8 @@ class UncertaintyWeighting(nn.Module):
 
     @torch.no_grad()
     def weights(self) -> Tensor:
-        """Effective multiplier of each task loss, ``precision / 2`` (detached, for logs)."""
-        return 0.5 * self._clamped()[1].detach().clone()
+        """Effective multiplier of each task loss, ``exp(-log_var) / 2`` (detached, for logs)."""
+        return 0.5 * torch.exp(-self.log_var.detach()).clone()
 
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}"

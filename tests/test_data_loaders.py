@@ -367,3 +367,21 @@ def test_cmapss_download_opens_nested_zip_once(tmp_path, monkeypatch):
     cached = tmp_path / "xdg-cache" / "mtlbook" / "cmapss"
     for name in CMAPSS_NAMES:
         assert file_sha256(cached / name) == file_sha256(CMAPSS_DIR / name)
+
+
+def test_cmapss_refuses_negative_rul_and_duplicate_rows(tmp_path):
+    folder = _copy_cmapss(tmp_path)
+    rul = folder / "RUL_FD001.txt"
+    values = rul.read_text().splitlines()
+    values[4] = "-5"
+    rul.write_text("\n".join(values) + "\n")
+    with pytest.raises(DataFileFormatError, match=r"RUL_FD001.txt, line 5: RUL must be a whole number of cycles >= 0"):
+        load_cmapss(path=folder, verify_checksum=False)
+    (tmp_path / "again").mkdir()
+    folder = _copy_cmapss(tmp_path / "again")
+    train = folder / "train_FD001.txt"
+    lines = train.read_text().splitlines()
+    lines.insert(3, lines[2])  # unit 1, cycle 3 twice
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileFormatError, match=r"train_FD001.txt: 1 duplicate \(unit, cycle\) row\(s\), first unit 1 cycle 3"):
+        load_cmapss(path=folder, verify_checksum=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtlbook.balancing import UncertaintyBalancer
 from mtlbook.data.batch import Batch, TaskSpec
 from mtlbook.losses import (
     LOSSES,
@@ -368,20 +369,44 @@ def test_uncertainty_weighting_formula() -> None:
     assert torch.allclose(uw.weights(), 0.5 / sigma2)
 
 
-def test_uncertainty_weighting_clamps() -> None:
+def test_uncertainty_weighting_range_is_kept_by_projection_not_by_a_dead_gradient() -> None:
     uw = UncertaintyWeighting(2)
     with torch.no_grad():
         uw.log_var.copy_(torch.tensor([10.0, -10.0]))
+    uw.project_()
+    bound = torch.tensor([4.0, -4.0])
+    assert torch.equal(uw.log_var.detach(), bound)
     losses = torch.tensor([1.5, 1.5])
     out = uw(losses)
-    bound = torch.tensor([4.0, -4.0])
-    expected = losses * torch.exp(-bound) / 2 + 0.5 * bound
-    assert torch.allclose(out, expected)
+    assert torch.allclose(out, losses * torch.exp(-bound) / 2 + 0.5 * bound)
     out.sum().backward()
-    assert torch.all(uw.log_var.grad == 0)  # stuck at the bound, as the clamp implies
+    # d/ds (L e^{-s} / 2 + s / 2) = (1 - L e^{-s}) / 2: alive at both bounds
+    assert torch.allclose(uw.log_var.grad, 0.5 * (1 - losses * torch.exp(-bound)))
     assert torch.allclose(uw.weights(), torch.exp(-bound) / 2)
-    # precision clamp: exp(4) = 54.6 < 100, so it binds only through the log_var clamp here
-    assert 1e-3 <= float(uw.weights().min() * 2) and float(uw.weights().max() * 2) <= 100
+    assert not hasattr(UncertaintyWeighting, "PRECISION_RANGE")  # the clamp that could never bind is gone
+
+
+@pytest.mark.parametrize("hook", [True, False])  # False: a custom loop that never calls the hook
+def test_uncertainty_weight_recovers_after_a_long_stretch_of_tiny_loss(hook: bool) -> None:
+    """A loss at 0.005 (optimum s = -5.3, beyond the bound) for 300 steps, then 1.0:
+    the weight must come back toward 1/2 (it used to stay at 27.3 for good)."""
+    balancer = UncertaintyBalancer(1)
+    opt = torch.optim.Adam(balancer.parameters(), lr=0.05)
+
+    def steps(loss: float, n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            balancer.weight_losses(torch.tensor([loss])).sum().backward()
+            opt.step()
+            if hook:
+                balancer.after_optimizer_step()
+                assert -4.0 <= float(balancer.uncertainty.log_var.detach()) <= 4.0
+
+    steps(0.005, 300)
+    balancer.uncertainty.project_()
+    assert float(balancer.weights()) == pytest.approx(0.5 * math.exp(4.0))  # held at the bound
+    steps(1.0, 300)
+    assert float(balancer.weights()) == pytest.approx(0.5, abs=0.05)
 
 
 def test_uncertainty_weighting_absent_tasks() -> None:

@@ -99,7 +99,7 @@ class AdaptiveTaskTransfer(nn.Module):
     Args:
         task_names: task order (rows/columns of every matrix).
         transfer_lambda: :math:`\\lambda \\ge 0`, weight of the peer term (default 0.1).
-        temperature: :math:`T > 0` of the row softmax (default 1.0; below 0.5 the weight
+        temperature: :math:`T \\ge 10^{-3}` of the row softmax (default 1.0; below 0.5 the weight
             concentrates on few peers, above 2 it flattens).
         negative_threshold: :math:`\\tau \\in [-1, 1]`; pairs with :math:`A_{ij} < \\tau` are
             blocked (default -0.1: blocks clear conflict, tolerates near-zero noise).
@@ -137,6 +137,9 @@ class AdaptiveTaskTransfer(nn.Module):
     enabled_flag: Tensor
     last_transfer_weights: Tensor
 
+    #: Smallest accepted temperature: scores ``mixed / T`` stay far from float overflow.
+    MIN_TEMPERATURE = 1e-3
+
     def __init__(
         self,
         task_names: Sequence[str],
@@ -165,9 +168,12 @@ class AdaptiveTaskTransfer(nn.Module):
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
             or not math.isfinite(temperature)
-            or temperature <= 0
+            or temperature < self.MIN_TEMPERATURE
         ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+            raise ValueError(
+                f"temperature must be a finite number >= {self.MIN_TEMPERATURE} (below it the row softmax is a hard "
+                f"max that overflows), got {temperature!r}"
+            )
         self.temperature = float(temperature)
         if (
             isinstance(negative_threshold, bool)

@@ -10,13 +10,17 @@ checked. The search order is
    ``census-income/census-income.test.gz``, ``cmapss/train_FD001.txt``, ...);
 3. the user cache ``$XDG_CACHE_HOME/mtlbook/<folder>/<name>`` (default
    ``~/.cache/mtlbook``);
-4. a download from the original source into the cache (a zip archive is searched, nested
-   archives included, for the member with the file's name), checked against the SHA-256
-   before it is moved into place.
+4. a download from the original source into the cache with `pooch
+   <https://www.fatiando.org/pooch>`_ (a zip archive is searched, nested archives included,
+   for the member with the file's name). pooch writes into a uniquely named temporary file
+   next to the target, checks the SHA-256 and only then moves it into place, so two
+   processes fetching the same file never collide and a killed download leaves nothing
+   under the final name; an extracted archive member goes the same way.
 
-A file found anywhere is hashed once per process (keyed by path, size and modification time),
-so repeated loads cost nothing. The network is reached only through :func:`_download`, which
-tests replace with a stub.
+A file found anywhere is hashed once per process, keyed by path, inode, size, modification
+*and* change time (``st_ctime`` moves on every write and cannot be set back by the user, so a
+same-size edit with the modification time restored is hashed again). The network is reached
+only through :func:`_download`, which tests replace with a stub.
 
 Errors are :class:`DataFileError` subclasses that are also the matching built-in:
 :class:`DataFileNotFoundError` (a ``FileNotFoundError``) says which file, where it looked and
@@ -29,9 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
-import shutil
-import urllib.request
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +53,7 @@ __all__ = [
 ]
 
 DATA_ENV = "MTLBOOK_DATA"
-_DOWNLOAD_TIMEOUT_S = 60.0
+_DOWNLOAD_TIMEOUT_S = 60
 
 
 class DataFileError(Exception):
@@ -100,8 +104,8 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "mtlbook"
 
 
-# (resolved path, size, mtime_ns) -> hex digest; a file is hashed at most once per process.
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+# (resolved path, inode, size, mtime_ns, ctime_ns) -> hex digest; hashed at most once per process.
+_HASH_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _hash_file(path: Path) -> str:
@@ -113,10 +117,10 @@ def _hash_file(path: Path) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, memoised per process on (path, size, modification time)."""
+    """SHA-256 of a file, memoised per process on (path, inode, size, mtime, ctime)."""
     resolved = Path(path).resolve()
     stat = resolved.stat()
-    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    key = (str(resolved), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = _hash_file(resolved)
     return _HASH_CACHE[key]
@@ -141,10 +145,39 @@ def verify_sha256(path: str | os.PathLike, expected: str | None, *, label: str |
 
 
 def _download(url: str, destination: Path) -> None:
-    """Fetch ``url`` into ``destination`` (the only place mtlbook touches the network)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "mtlbook"})
-    with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response, open(destination, "wb") as out:
-        shutil.copyfileobj(response, out)
+    """Fetch ``url`` into ``destination`` (the only place mtlbook touches the network).
+
+    pooch calls this with a temporary ``destination`` of its own; tests replace it.
+    """
+    import pooch
+
+    pooch.HTTPDownloader(progressbar=False, timeout=_DOWNLOAD_TIMEOUT_S, headers={"User-Agent": "mtlbook"})(
+        url, str(destination), None
+    )
+
+
+def _pooch_fetch(url: str, folder: Path, fname: str, sha256: str | None) -> Path:
+    """``pooch.retrieve`` into ``folder/fname`` through :func:`_download`, hash-checked.
+
+    A file already there is reused when its hash matches (or when no hash is given).
+    """
+    import pooch
+
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # no "Downloading data from ..." on stderr
+    try:
+        fetched = pooch.retrieve(
+            url,
+            known_hash=None if sha256 is None else f"sha256:{sha256.lower()}",
+            fname=fname,
+            path=folder,
+            downloader=lambda u, output, _pooch: _download(u, Path(output)),
+            progressbar=False,
+        )
+    finally:
+        logger.setLevel(level)
+    return Path(fetched)
 
 
 def _find_member(archive: zipfile.ZipFile, name: str, depth: int = 0) -> bytes | None:
@@ -171,44 +204,45 @@ def _archive_path(data_file: DataFile, cache_folder: Path) -> Path:
 
 
 def _fetch_into_cache(data_file: DataFile, target: Path, verify: bool) -> Path:
-    """Download ``data_file`` to ``target`` (via a temporary file), checking its hash.
+    """Download ``data_file`` to ``target`` with pooch, checking its hash.
 
     For an archive source the zip is kept in the cache folder (its members are what gets
-    verified), so the sibling files of the same archive are extracted without a new download.
+    verified), so the sibling files of the same archive are extracted without a new download;
+    the member is written to a unique temporary file, verified, then moved into place.
     """
     assert data_file.url is not None
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+    expected = data_file.sha256 if verify else None
+    label = f"{data_file.name} (downloaded from {data_file.url})"
+    if not data_file.in_archive:
+        try:
+            return _pooch_fetch(data_file.url, target.parent, target.name, expected)
+        except ValueError as error:
+            if expected is not None and "hash" in str(error).lower():
+                raise DataFileChecksumError(
+                    f"{label}: SHA-256 mismatch (corrupt or wrong file): expected {expected.lower()}; {error}"
+                ) from None
+            raise
+    archive_path = _archive_path(data_file, target.parent)
+    archive_path = _pooch_fetch(data_file.url, target.parent, archive_path.name, None)
     try:
-        if data_file.in_archive:
-            archive_path = _archive_path(data_file, target.parent)
-            if not archive_path.is_file():
-                fetching = archive_path.with_name(archive_path.name + ".part")
-                try:
-                    _download(data_file.url, fetching)
-                    os.replace(fetching, archive_path)
-                finally:
-                    if fetching.exists():
-                        fetching.unlink()
-            try:
-                with zipfile.ZipFile(archive_path) as archive:
-                    content = _find_member(archive, data_file.name)
-            except zipfile.BadZipFile:
-                archive_path.unlink()  # a truncated download must not be reused
-                raise
-            if content is None:
-                raise DataFileNotFoundError(
-                    f"{data_file.name} is not inside the archive downloaded from {data_file.url}"
-                )
-            partial.write_bytes(content)
-        else:
-            _download(data_file.url, partial)
-        if verify:
-            verify_sha256(partial, data_file.sha256, label=f"{data_file.name} (downloaded from {data_file.url})")
+        with zipfile.ZipFile(archive_path) as archive:
+            content = _find_member(archive, data_file.name)
+    except zipfile.BadZipFile:
+        archive_path.unlink(missing_ok=True)  # a damaged download must not be reused
+        raise
+    if content is None:
+        raise DataFileNotFoundError(f"{data_file.name} is not inside the archive downloaded from {data_file.url}")
+    fd, partial_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    partial = Path(partial_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        if expected is not None:
+            verify_sha256(partial, expected, label=label)
         os.replace(partial, target)
     finally:
-        if partial.exists():
-            partial.unlink()
+        partial.unlink(missing_ok=True)
     return target
 
 

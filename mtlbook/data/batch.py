@@ -85,12 +85,29 @@ class Batch:
     present: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Tensor) or self.inputs.dim() < 1:
+            raise TypeError(f"inputs must be a torch.Tensor [batch, ...], got {type(self.inputs).__name__}")
+        if not isinstance(self.targets, Mapping):
+            raise TypeError(f"targets must be a dict {{task name: tensor}}, got {type(self.targets).__name__}")
+        if not isinstance(self.present, Mapping):
+            raise TypeError(f"present must be a dict {{task name: bool tensor}}, got {type(self.present).__name__}")
+        self.targets, self.present = dict(self.targets), dict(self.present)
         n = self.inputs.shape[0]
         for name, t in self.targets.items():
+            if not isinstance(t, Tensor) or t.dim() < 1:
+                raise TypeError(f"targets[{name!r}] must be a torch.Tensor [batch, ...], got {type(t).__name__}")
             if t.shape[0] != n:
                 raise ValueError(
                     f"targets[{name!r}] has {t.shape[0]} rows but inputs have {n}"
                 )
+        for name, mask in self.present.items():
+            if name not in self.targets:
+                raise ValueError(f"present[{name!r}] names a task without targets; tasks: {sorted(self.targets)}")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"present[{name!r}] must be a bool tensor [batch], got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if mask.shape != (n,):
+                raise ValueError(f"present[{name!r}] must have shape [{n}], got {list(mask.shape)}")
+        for name, t in self.targets.items():
             if name not in self.present:
                 self.present[name] = torch.ones(n, dtype=torch.bool, device=t.device)
 
@@ -111,6 +128,30 @@ class Batch:
             [bool(self.present[t].any()) if t in self.present else False for t in task_names],
             dtype=torch.bool,
         )
+
+
+def _check_target_values(spec: TaskSpec, target: Tensor, present: Tensor) -> None:
+    """Refuse targets the task's loss cannot take, on present rows only (NaN is left to the
+    trainer's NaN guard): binary labels outside ``[0, 1]``, class indices outside
+    ``[0, n_classes)`` or of a non-integer dtype."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"targets[{spec.name!r}] must be a torch.Tensor, got {type(target).__name__}")
+    rows = target[present] if present.dim() == 1 and target.dim() >= 1 else target
+    if spec.kind == "binary":
+        bad = (rows < 0) | (rows > 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets[{spec.name!r}] (binary) must hold labels in [0, 1] on present rows, got {float(rows[bad][0])}"
+            )
+    elif spec.kind == "multiclass":
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"targets[{spec.name!r}] (multiclass) must hold integer class indices, got dtype {rows.dtype}")
+        bad = (rows < 0) | (rows >= int(spec.n_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets[{spec.name!r}] (multiclass) must hold class indices in [0, {spec.n_classes}) on "
+                f"present rows, got {int(rows[bad][0])}"
+            )
 
 
 class MultiTaskDataset(Dataset):
@@ -150,6 +191,8 @@ class MultiTaskDataset(Dataset):
         for t in self.task_names:
             if self.targets[t].shape[0] != n or self.present[t].shape[0] != n:
                 raise ValueError(f"task {t!r}: targets/present must have {n} rows")
+        for spec in self.task_specs:
+            _check_target_values(spec, self.targets[spec.name], self.present[spec.name])
         self.extras = dict(extras or {})
 
     def __len__(self) -> int:
@@ -198,6 +241,8 @@ def make_loader(
 
     Shuffling uses its own ``torch.Generator`` seeded with ``seed`` so that runs repeat.
     """
+    if not isinstance(dataset, MultiTaskDataset):
+        raise TypeError(f"dataset must be a MultiTaskDataset, got {type(dataset).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     generator = torch.Generator().manual_seed(seed)

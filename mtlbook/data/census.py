@@ -215,8 +215,8 @@ def _numeric_column(frame, column: str, path: Path) -> np.ndarray:
 def _check_fractions(fractions) -> tuple[float, float, float]:
     try:
         parts = tuple(float(f) for f in fractions)
-    except TypeError as exc:
-        raise TypeError(f"fractions must be three numbers (train, val, test), got {fractions!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"fractions must be three numbers (train, val, test), got {fractions!r}") from None
     if len(parts) != 3 or any(not np.isfinite(f) or f <= 0 for f in parts) or abs(sum(parts) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three numbers > 0 that sum to 1 (train, val, test), got {fractions!r}")
     return parts  # type: ignore[return-value]

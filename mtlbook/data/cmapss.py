@@ -178,6 +178,20 @@ def load_cmapss(
     train = _frame(_read_table(paths["train"], n_fields), paths["train"])
     test = _frame(_read_table(paths["test"], n_fields), paths["test"])
     rul_values = _read_table(paths["rul"], 1)[:, 0]
+    for key, frame in (("train", train), ("test", test)):
+        duplicated = frame.duplicated(["unit", "cycle"])
+        if bool(duplicated.any()):
+            first = frame[duplicated].iloc[0]
+            raise DataFileFormatError(
+                f"{paths[key]}: {int(duplicated.sum())} duplicate (unit, cycle) row(s), first unit "
+                f"{int(first['unit'])} cycle {int(first['cycle'])}; each cycle of a unit must appear once"
+            )
+    negative = np.flatnonzero((rul_values < 0) | (rul_values != np.round(rul_values)))
+    if negative.size:
+        raise DataFileFormatError(
+            f"{paths['rul']}, line {int(negative[0]) + 1}: RUL must be a whole number of cycles >= 0, "
+            f"got {rul_values[negative[0]]:g}"
+        )
 
     train["rul"] = train.groupby("unit")["cycle"].transform("max") - train["cycle"]
     test_units = np.sort(test["unit"].unique())

@@ -12,20 +12,22 @@ Plots of a :class:`History` live in :mod:`mtlbook.train.plots` (imported on dema
 matplotlib is not loaded by ``import mtlbook.train``).
 """
 
-from mtlbook.train.checkpoint import atomic_save, load_file
+from mtlbook.train.checkpoint import CheckpointError, atomic_save, load_file
 from mtlbook.train.config import AMP_MODES, BALANCER_NAMES, TrainerConfig
 from mtlbook.train.history import History
 from mtlbook.train.metrics import accuracy, binary_auc, rmse
 from mtlbook.train.schedules import build_phase1_scheduler, build_phase2_scheduler, phase1_lr, phase2_lr
-from mtlbook.train.trainer import EarlyStopping, Trainer, TrainingWarning
+from mtlbook.train.trainer import EarlyStopping, Trainer, TrainingDivergedError, TrainingWarning
 
 __all__ = [
     "AMP_MODES",
     "BALANCER_NAMES",
+    "CheckpointError",
     "EarlyStopping",
     "History",
     "Trainer",
     "TrainerConfig",
+    "TrainingDivergedError",
     "TrainingWarning",
     "accuracy",
     "atomic_save",

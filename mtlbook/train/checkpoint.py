@@ -20,8 +20,11 @@ configuration is refused instead of half-loaded.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CheckpointError",
     "atomic_save",
     "capture_rng_state",
     "check_fingerprint",
@@ -39,14 +43,71 @@ __all__ = [
 ]
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: damaged, truncated, not a checkpoint, or
+    missing an entry. The message names the file and what is wrong."""
+
+
+#: Temporary files older than this are stale whatever their name says (seconds).
+STALE_TMP_AGE_S = 3600.0
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours (or we cannot tell): leave its file alone
+    return True
+
+
+def clean_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files left by killed writes of ``path``; returns what was removed.
+
+    A temporary file is named ``.<name>.<pid>.<random>.tmp``; it is stale when the process
+    ``pid`` no longer exists, or (any name) when it is older than :data:`STALE_TMP_AGE_S`.
+    Files of a live writer are left alone.
+    """
+    target = Path(path)
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    prefix = _tmp_prefix(target)
+    now = time.time()
+    for candidate in target.parent.iterdir():
+        name = candidate.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix) :].split(".", 1)[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        try:
+            stale = (pid is not None and not _pid_alive(pid)) or (now - candidate.stat().st_mtime) > STALE_TMP_AGE_S
+            if stale and pid != os.getpid():
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue  # vanished meanwhile
+    return removed
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj)`` to ``path`` so that ``path`` is never left half-written.
 
-    Returns the final path. The parent folder is created if needed.
+    Returns the final path. The parent folder is created if needed. Temporary files that
+    killed writes of the same ``path`` left behind are removed first
+    (:func:`clean_stale_temporaries`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    clean_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f"{_tmp_prefix(target)}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -79,13 +140,37 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_save` with ``weights_only=True``."""
+    """Load a checkpoint written by :func:`atomic_save` with ``weights_only=True``.
+
+    Raises ``FileNotFoundError`` when there is no file and :class:`CheckpointError` (a
+    ``ValueError``) naming the file when it cannot be read as a checkpoint: truncated,
+    damaged, empty, holding objects other than tensors and plain containers (a pickle
+    payload is refused, never run), or not a dict.
+    """
     target = Path(path)
+    if target.exists() and not target.is_file():
+        raise CheckpointError(f"checkpoint {str(target)!r} is not a regular file (a folder?)")
     if not target.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(target)!r}")
-    data = torch.load(target, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            # a foreign pickle protocol is refused below anyway; torch's advice is noise here
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(target, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {str(target)!r} holds objects other than tensors and plain containers, or is damaged "
+            f"({first_line}); it is not loaded (only weights_only files written by mtlbook are accepted)"
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "the file ends early"
+        raise CheckpointError(
+            f"checkpoint {str(target)!r} is damaged or truncated ({type(error).__name__}: {detail}); "
+            "resume from an earlier checkpoint or start afresh"
+        ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{str(target)!r} does not hold a checkpoint dict (got {type(data).__name__})")
+        raise CheckpointError(f"checkpoint {str(target)!r} does not hold a checkpoint dict (got {type(data).__name__})")
     return data
 
 
@@ -152,8 +237,11 @@ def model_fingerprint(*modules: tuple[str, nn.Module | None]) -> list[list[Any]]
         if module is None:
             entries.append([f"{prefix}:absent", []])
             continue
-        for name, tensor in module.state_dict().items():
-            entries.append([f"{prefix}.{name}", list(tensor.shape)])
+        for name, value in module.state_dict().items():
+            # ``get_extra_state`` entries (e.g. PCGrad's generator state) are not tensors:
+            # they are recorded by name only, so their presence is still compared
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else ["extra"]
+            entries.append([f"{prefix}.{name}", shape])
     return entries
 
 
@@ -182,6 +270,15 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], ign
                 + ", ".join(f"{n} {stored_tensors[n]} vs {current_tensors[n]}" for n in reshaped[:5])
             )
         raise ValueError("checkpoint was written for a different model: " + "; ".join(parts))
+    if "settings" in stored:  # checkpoints written before settings were recorded skip this
+        stored_settings, current_settings = dict(stored["settings"]), dict(current.get("settings", {}))
+        if stored_settings != current_settings:
+            diff = [
+                f"{k}: checkpoint {stored_settings.get(k, '<absent>')!r} vs current {current_settings.get(k, '<absent>')!r}"
+                for k in sorted(set(stored_settings) | set(current_settings))
+                if stored_settings.get(k, "<absent>") != current_settings.get(k, "<absent>")
+            ]
+            raise ValueError("checkpoint was written with different settings: " + "; ".join(diff))
     stored_config = {k: v for k, v in dict(stored.get("config", {})).items() if k not in ignore}
     current_config = {k: v for k, v in dict(current.get("config", {})).items() if k not in ignore}
     if stored_config != current_config:

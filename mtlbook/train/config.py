@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
 from mtlbook.losses import LOSSES
 
 __all__ = [
@@ -43,10 +45,11 @@ ADATT_SYNC_MODES: tuple[str, ...] = ("exact", "cheap")
 # Fields that may change between an interrupted run and its resumption: they steer where
 # and how loudly a run reports, not what it computes.
 RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
-    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters"}
+    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters", "ddp_timeout_s"}
 )
 #: Fields added after checkpoints already existed, with the value an older checkpoint implies.
-CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False}
+CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False,
+                                             "ddp_timeout_s": 1800.0}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
@@ -71,6 +74,16 @@ def _check_positive(value: Any, field_name: str) -> None:
         _fail(field_name, "a finite number > 0", value)
 
 
+#: Largest accepted learning rate: AdamW moves a weight by about lr per step, so beyond it
+#: the weights leave any sensible range within a few steps (and overflow soon after).
+MAX_LR = 10.0
+
+
+def _check_rate(value: Any, field_name: str) -> None:
+    if not _is_number(value) or not 0 < value <= MAX_LR:
+        _fail(field_name, f"a finite number in (0, {MAX_LR:g}]", value)
+
+
 def _check_non_negative(value: Any, field_name: str) -> None:
     if not _is_number(value) or value < 0:
         _fail(field_name, "a finite number >= 0", value)
@@ -87,8 +100,8 @@ def _check_expert_dict(value: Any, field_name: str, positive: bool) -> None:
     for index, v in value.items():
         if not _is_int(index) or index < 0:
             _fail(field_name, "a dict keyed by shared expert index (int >= 0)", value)
-        if not _is_number(v) or v < 0 or (positive and v == 0):
-            _fail(f"{field_name}[{index}]", "a finite number > 0" if positive else "a finite number >= 0", v)
+        if not _is_number(v) or v < 0 or (positive and (v == 0 or v > MAX_LR)):
+            _fail(f"{field_name}[{index}]", f"a finite number in (0, {MAX_LR:g}]" if positive else "a finite number >= 0", v)
 
 
 @dataclass
@@ -210,6 +223,9 @@ class TrainerConfig:
         for mtlbook models (every trainable parameter gets a gradient, also from a task
         without targets in the batch); set it for a custom model whose forward skips
         trainable parameters on some batches.
+    ``ddp_timeout_s``
+        how long a collective may wait for the other ranks before the run fails (seconds,
+        default 1800, torch's own default); lower it to learn of a dead rank sooner.
     """
 
     phase1_epochs: int = 15
@@ -249,6 +265,7 @@ class TrainerConfig:
     progress: bool = True
     adatt_sync: str = "exact"
     ddp_find_unused_parameters: bool = False
+    ddp_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _check_int(self.phase1_epochs, "phase1_epochs", 0)
@@ -256,7 +273,7 @@ class TrainerConfig:
         _check_int(self.batch_size, "batch_size", 1)
         if self.eval_batch_size is not None:
             _check_int(self.eval_batch_size, "eval_batch_size", 1)
-        _check_positive(self.lr, "lr")
+        _check_rate(self.lr, "lr")
         _check_non_negative(self.weight_decay, "weight_decay")
         betas = self.betas
         if (
@@ -307,6 +324,11 @@ class TrainerConfig:
             _fail("amp", f"one of {AMP_MODES}", self.amp)
         if self.device is not None and (not isinstance(self.device, str) or not self.device):
             _fail("device", "None or a device string such as 'cpu' or 'cuda'", self.device)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                _fail("device", "None or a device string torch knows, such as 'cpu', 'cuda', 'cuda:1' or 'mps'", self.device)
         if self.amp == "fp16" and self.device is not None and self.device.startswith("cpu"):
             _fail("amp", "'off', 'bf16' or 'auto' on a CPU device (fp16 autocast needs CUDA)", self.amp)
 
@@ -334,6 +356,8 @@ class TrainerConfig:
             _fail("adatt_sync", f"one of {ADATT_SYNC_MODES}", self.adatt_sync)
         if not isinstance(self.ddp_find_unused_parameters, bool):
             _fail("ddp_find_unused_parameters", "a bool", self.ddp_find_unused_parameters)
+        if not _is_number(self.ddp_timeout_s) or self.ddp_timeout_s <= 0:
+            _fail("ddp_timeout_s", "a finite number of seconds > 0", self.ddp_timeout_s)
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -23,9 +23,11 @@ and a ``torch.load(weights_only=True)`` checkpoint unchanged. Each record holds:
 ``skipped_nan``, ``skipped_oom``, ``steps``, ``batches``
     batches skipped for a non-finite loss/gradient and for out-of-memory errors, optimizer
     steps taken, batches seen.
-``best``, ``stopped_early``
-    whether the epoch set a new best monitored value in its phase, and whether early
-    stopping ended the phase after it.
+``best``, ``stopped_early``, ``monitor_nan``
+    whether the epoch set a new best monitored value in its phase, whether early
+    stopping ended the phase after it, and whether the monitored validation metric was
+    not finite (such an epoch counts neither as an improvement nor toward patience; the
+    trainer warns the first time).
 ``time_s``
     wall-clock seconds of the epoch (the only field that differs between identical runs).
 """

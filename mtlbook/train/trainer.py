@@ -46,7 +46,13 @@ a GradScaler; with one, fp16 overflow is the scaler's normal business and is onl
 as ``amp_overflow``). An out-of-memory error in the forward/backward
 (``torch.OutOfMemoryError`` or a ``RuntimeError`` mentioning "out of memory") skips the
 batch the same way and is counted in ``record["skipped_oom"]``. ``fit`` warns at the end
-if anything was skipped.
+if anything was skipped. In validation an out-of-memory batch is split in halves instead
+(no row may be dropped from a metric). At the end of every epoch the weights are checked:
+a non-finite value or a parameter beyond ``DIVERGED_WEIGHT`` raises
+:class:`TrainingDivergedError` before any checkpoint could be written over the last good
+one. A non-finite monitored validation metric warns once, is marked ``monitor_nan`` in the
+record and counts neither as an improvement nor toward ``patience``. ``fit`` refuses data
+with no rows or no present target, and a second call after an interrupted epoch.
 
 **Checkpoints** hold everything needed to continue bit-exactly (model with buffers,
 adaTT, balancer, optimizer, scheduler, scaler, every RNG including the loader's shuffling
@@ -85,6 +91,7 @@ from mtlbook.balancing import PCGrad, build_balancer
 from mtlbook.data.batch import Batch, MultiTaskDataset, make_loader
 from mtlbook.losses import LOSS_TASK_KINDS, present_tasks, task_losses
 from mtlbook.train.checkpoint import (
+    CheckpointError,
     atomic_save,
     capture_rng_state,
     check_fingerprint,
@@ -108,15 +115,29 @@ from mtlbook.train.history import History
 from mtlbook.train.metrics import METRIC_FOR_KIND, task_metric
 from mtlbook.train.schedules import build_phase1_scheduler, build_phase2_scheduler
 
-__all__ = ["CHECKPOINT_FORMAT", "EarlyStopping", "Trainer", "TrainingWarning", "is_out_of_memory"]
+__all__ = ["CHECKPOINT_FORMAT", "EarlyStopping", "Trainer", "TrainingDivergedError", "TrainingWarning", "is_out_of_memory"]
 
 CHECKPOINT_FORMAT = "mtlbook.trainer/1"
 _REQUIRED_MODEL_API = ("task_names", "task_specs", "shared_parameters", "shared_experts", "gate_parameters",
                        "gate_entropy", "freeze_gates")  # fmt: skip
 
 
+#: adaTT hyperparameters compared when a checkpoint is resumed.
+_ADATT_SETTINGS = ("transfer_lambda", "temperature", "negative_threshold", "grad_interval", "max_transfer_ratio",
+                   "warmup_epochs", "freeze_epoch", "prior_blend_start", "prior_blend_end", "blocking")  # fmt: skip
+
+
 class TrainingWarning(UserWarning):
     """Emitted by :meth:`Trainer.fit` when batches were skipped."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The weights stopped being finite or exploded; the last checkpoint was left untouched."""
+
+
+#: Largest absolute parameter value the divergence guard accepts; beyond it (or at a NaN/inf
+#: in any parameter or buffer) training stops and no checkpoint is written.
+DIVERGED_WEIGHT = 1e8
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -258,7 +279,7 @@ class Trainer:
         self._check_config_against_model(model)
 
         # None unless torchrun (or the caller) set up a process group of several ranks
-        self.distributed: DistributedContext | None = init_distributed(device=config.device)
+        self.distributed: DistributedContext | None = init_distributed(device=config.device, timeout_s=config.ddp_timeout_s)
         self.device = self._resolve_device()
         self.amp_dtype = self._resolve_amp()
         if self.device.type == "cuda":
@@ -325,6 +346,10 @@ class Trainer:
         self._ddp: nn.Module | None = None
         self._ddp_signature: tuple[bool, ...] | None = None
         self._grads_unsynced = False  # a no_sync backward left local gradients in .grad
+        self._warned_monitor = False  # a non-finite validation metric was reported
+        # set while an epoch runs: an interrupt leaves it set, and the weights then hold a
+        # partial epoch that neither fit nor a checkpoint could continue exactly
+        self._epoch_in_progress: int | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_device(self) -> torch.device:
@@ -335,7 +360,20 @@ class Trainer:
                 raise ValueError(f"TrainerConfig.device={requested!r} does not fit the nccl backend (CUDA only)")
             return torch.device("cuda", self.distributed.local_rank)
         if requested:
-            return torch.device(requested)
+            device = torch.device(requested)
+            if device.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise ValueError(f"TrainerConfig.device={requested!r} needs CUDA, which this machine does not have; use 'cpu'")
+                if device.index is not None and device.index >= torch.cuda.device_count():
+                    raise ValueError(
+                        f"TrainerConfig.device={requested!r} does not exist: this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}"
+                    )
+            elif device.type == "mps" and not torch.backends.mps.is_available():
+                raise ValueError(f"TrainerConfig.device={requested!r} needs Apple MPS, which is not available; use 'cpu'")
+            elif device.type not in ("cpu", "cuda", "mps"):
+                raise ValueError(f"TrainerConfig.device={requested!r} is not supported: use 'cpu', 'cuda[:i]' or 'mps'")
+            return device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     def _check_config_against_model(self, model: nn.Module) -> None:
         cfg, names = self.config, set(self.task_names)
@@ -526,6 +564,12 @@ class Trainer:
         if isinstance(data, MultiTaskDataset):
             if tuple(data.task_names) != self.task_names:
                 raise ValueError(f"dataset tasks {data.task_names} must equal the model's {self.task_names}")
+            ours = [(s.name, s.kind, s.n_classes) for s in self.task_specs]
+            theirs = [(s.name, s.kind, s.n_classes) for s in data.task_specs]
+            if ours != theirs:
+                raise ValueError(
+                    f"dataset task_specs {theirs} must match the model's {ours} (name, kind, number of classes)"
+                )
             batch_size = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
             if self.distributed is not None:
                 return self._distributed_loader(data, batch_size, train)
@@ -623,11 +667,18 @@ class Trainer:
                 continues right after its epoch. ``fit`` also continues after an explicit
                 :meth:`load_checkpoint`. A finished run returns at once.
         """
+        if resume_from is None and self._epoch_in_progress is not None:
+            raise RuntimeError(
+                f"the previous fit() was interrupted in the middle of epoch {self._epoch_in_progress}: the weights hold "
+                "part of that epoch, and running it again would apply those batches twice. Resume from the last "
+                "checkpoint (fit(..., resume_from=path) or load_checkpoint(path)) or start a new Trainer"
+            )
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         elif not self._resumed and self.epoch == 0 and self.optimizer is None and self.config.seed is not None:
             _seed_everything(self.config.seed)
         cfg = self.config
+        self._check_has_targets(train_data, "train_data")
         train_loader = self._as_loader(train_data, train=True)
         val_loader = None if val_data is None else self._as_loader(val_data, train=False)
         self._loader_generator = getattr(train_loader, "generator", None)
@@ -669,6 +720,25 @@ class Trainer:
             )
         return self.history
 
+    def _check_has_targets(self, data: Any, name: str) -> None:
+        """Refuse data with no rows or without a single present target (cheap cases only:
+        a dataset, a DataLoader over one, a list of Batch; other iterables are checked
+        after their first epoch)."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if isinstance(dataset, MultiTaskDataset):
+            if len(dataset) == 0:
+                raise ValueError(f"{name} is empty (0 rows): refusing to train on nothing")
+            if not any(bool(dataset.present[t].any()) for t in self.task_names if t in dataset.present):
+                raise ValueError(f"{name} has no present target for any task: refusing to train on nothing")
+        elif isinstance(data, (list, tuple)):
+            if not data:
+                raise ValueError(f"{name} is empty (no batches): refusing to train on nothing")
+            for batch in data:
+                if not isinstance(batch, Batch):
+                    raise TypeError(f"{name} must hold Batch objects, got {type(batch).__name__}")
+            if not any(bool(m.any()) for batch in data for t, m in batch.present.items() if t in self.task_names):
+                raise ValueError(f"{name} has no present target for any task: refusing to train on nothing")
+
     def _phase_length(self) -> int:
         return self.config.phase1_epochs if self.phase == 1 else self.config.phase2_epochs
 
@@ -681,17 +751,25 @@ class Trainer:
             bar.set_postfix(phase=self.phase, loss=f"{record['train']['loss']:.4g}")
 
     def _finish_phase(self) -> None:
-        """Load the phase's best weights if asked (keeping the current gate-freeze flag)."""
+        """Load the phase's best weights if asked (keeping the current gate-freeze flag).
+
+        ``last.pt``, if the phase's last epoch wrote it, is then rewritten so it holds the
+        weights ``fit`` returns (resuming from it restores the same best weights again: the
+        step is idempotent).
+        """
         best = self.early_stopping.best_state
         if self.config.restore_best and best is not None:
             frozen = bool(self.model.gates_frozen)
             self.model.load_state_dict(best)
             self.model.freeze_gates(frozen)
+            if self.checkpoint_path is not None and self.epoch % self.config.checkpoint_every == 0:
+                self.save_checkpoint(self.checkpoint_path)  # replaces the one of the phase's last epoch
 
     # ------------------------------------------------------------------ one epoch
     def _run_epoch(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None) -> dict[str, Any]:
         started = time.perf_counter()
         cfg = self.config
+        self._epoch_in_progress = self.epoch
         self.model.train()
         self.balancer.train()
         if self.adatt is not None:
@@ -744,23 +822,77 @@ class Trainer:
             self._sync_gate_cofreeze()
 
         # early stopping on validation data only
-        record["best"], record["stopped_early"] = False, False
+        record["best"], record["stopped_early"], record["monitor_nan"] = False, False, False
         if record["val"] is not None:
             if cfg.monitor not in record["val"]:
                 raise ValueError(
                     f"TrainerConfig.monitor={cfg.monitor!r} is not a validation metric; available: {sorted(record['val'])}"
                 )
-            state = self.model.state_dict() if cfg.restore_best else None
-            record["best"] = self.early_stopping.update(float(record["val"][cfg.monitor]), self.epoch, state)
+            value = float(record["val"][cfg.monitor])
+            if math.isfinite(value):
+                state = self.model.state_dict() if cfg.restore_best else None
+                record["best"] = self.early_stopping.update(value, self.epoch, state)
+            else:
+                # neither an improvement nor a bad epoch: recorded, warned about, not counted
+                record["monitor_nan"] = True
+                self._warn_monitor_not_finite(value)
             record["stopped_early"] = self.early_stopping.stopped
 
         record["time_s"] = time.perf_counter() - started
+        problem = self._weights_problem()
+        if problem is not None:
+            kept = "" if self.checkpoint_path is None else f"; {str(self.checkpoint_path)!r} still holds the last good state"
+            raise TrainingDivergedError(
+                f"training diverged in epoch {self.epoch} (phase {self.phase}): {problem}{kept}. "
+                "Lower TrainerConfig.lr (or expert_lr), keep grad_clip, or check the data"
+            )
+        if counters["batches"] == 0:
+            self._epoch_in_progress = None  # nothing was trained: the weights are untouched
+            raise ValueError("train_data yielded no batches: refusing to train on nothing")
         self.history.append(record)
         self.epoch += 1
         self.phase_epoch += 1
+        self._epoch_in_progress = None
         if self.checkpoint_path is not None and self.epoch % cfg.checkpoint_every == 0:
             self.save_checkpoint(self.checkpoint_path)
         return record
+
+    @torch.no_grad()
+    def _weights_problem(self) -> str | None:
+        """What is wrong with the weights (a non-finite value in a parameter or a model
+        buffer, or a parameter beyond :data:`DIVERGED_WEIGHT`), or ``None`` when sane.
+
+        The balancer's and adaTT's buffers are not checked: some hold NaN on purpose
+        (DWA's and GradNorm's "not seen yet" markers)."""
+        tensors: list[tuple[str, Tensor, bool]] = []
+        tensors += [(f"model.{n}", p, True) for n, p in self.model.named_parameters()]
+        tensors += [(f"model.{n}", b, False) for n, b in self.model.named_buffers()]
+        tensors += [(f"balancer.{n}", p, True) for n, p in self.balancer.named_parameters()]
+        if self.adatt is not None:
+            tensors += [(f"adatt.{n}", p, True) for n, p in self.adatt.named_parameters()]
+        for name, tensor, is_param in tensors:
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds non-finite values"
+            if is_param:
+                largest = float(tensor.detach().abs().max())
+                if largest > DIVERGED_WEIGHT:
+                    return f"{name} reached |w| = {largest:.3g} > {DIVERGED_WEIGHT:.0e}"
+        return None
+
+    def _warn_monitor_not_finite(self, value: float) -> None:
+        """Warn (once per trainer) that the monitored validation metric is not finite."""
+        if self._warned_monitor or not self.is_main_process:
+            return
+        self._warned_monitor = True
+        warnings.warn(
+            f"validation metric {self.config.monitor!r} = {value} in epoch {self.epoch} (empty validation data, a NaN "
+            "target, or an AUC on a single class?); such epochs count neither as an improvement nor toward "
+            "patience and are marked 'monitor_nan' in the history",
+            TrainingWarning,
+            stacklevel=3,
+        )
 
     @torch.no_grad()
     def _snapshots(self) -> dict[str, Any]:
@@ -870,6 +1002,7 @@ class Trainer:
             self.step += 1
             counters["steps"] += 1
             grad_norms.append(float(norm))
+        self.balancer.after_optimizer_step()  # e.g. keep uncertainty log-variances in range
         self.optimizer.zero_grad(set_to_none=True)
         if self.distributed is not None and any(True for _ in self.balancer.buffers()):
             # e.g. GradNorm updates its weights from local gradient norms: rank 0's copy wins
@@ -891,14 +1024,33 @@ class Trainer:
         sums = _MetricSums(self.task_specs, self.device)
         try:
             for batch in loader:
-                batch = batch.to(self.device)
-                with self._autocast():
-                    outputs = self.model(batch.inputs)
-                    raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
-                sums.add(raw.float(), outputs, batch)
+                self._evaluate_batch(batch.to(self.device), sums)
         finally:
             self.model.train(was_training)
         return self._reduce_metrics(sums)
+
+    def _evaluate_batch(self, batch: Batch, sums: _MetricSums) -> None:
+        """Add one batch to ``sums``; after an out-of-memory error, retry it in two halves.
+
+        Validation must not skip rows (the metrics would silently change), so a batch that
+        does not fit is split until it does; a single row that still does not fit, or any
+        OOM under DDP (the other ranks wait in collectives), re-raises.
+        """
+        try:
+            with self._autocast():
+                outputs = self.model(batch.inputs)
+                raw = task_losses(outputs, batch, self.task_specs, self._loss_names, self._loss_kwargs, None)
+        except Exception as error:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not is_out_of_memory(error) or self.distributed is not None or len(batch) <= 1:
+                raise
+            outputs = raw = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            for part in (slice(0, half), slice(half, len(batch))):
+                self._evaluate_batch(_slice_batch(batch, part), sums)
+            return
+        sums.add(raw.float(), outputs, batch)
 
     def _reduce_metrics(self, sums: _MetricSums) -> dict[str, float]:
         """Turn one pass's sums into the flat metric dict, reduced over every rank.
@@ -961,7 +1113,24 @@ class Trainer:
         return {
             "tensors": model_fingerprint(("model", self.model), ("adatt", self.adatt), ("balancer", self.balancer)),
             "config": self.config.to_dict(),
+            "settings": self._settings(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What shapes do not show but a resumed run must share: the tasks (kind and number
+        of classes), the model's dropout rates and adaTT's hyperparameters (also when adaTT
+        was passed as an object rather than through ``config.adatt``)."""
+        settings: dict[str, Any] = {
+            "tasks": [[s.name, s.kind, s.n_classes] for s in self.task_specs],
+            "dropout": [float(m.p) for m in self.model.modules() if isinstance(m, nn.Dropout)],
+        }
+        if self.adatt is not None:
+            settings["adatt"] = {
+                name: getattr(self.adatt, name)
+                for name in _ADATT_SETTINGS
+                if isinstance(getattr(self.adatt, name, None), (int, float, str, bool))
+            }
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue the run exactly (plain types only)."""
@@ -1005,7 +1174,20 @@ class Trainer:
         Distributed: call it on every rank. Rank 0 writes (the others return ``None``) and
         all ranks wait at a barrier, so the file is complete before any rank goes on (and
         may, for instance, resume from it).
+
+        Refuses (and leaves ``path`` untouched) when the weights are not finite or exploded
+        (:class:`TrainingDivergedError`) and in the middle of an epoch, e.g. after an
+        interrupted ``fit`` (``RuntimeError``): such a file could not be resumed exactly.
         """
+        problem = self._weights_problem()
+        if problem is not None:
+            raise TrainingDivergedError(f"refusing to write checkpoint {str(path)!r}: {problem}")
+        if self._epoch_in_progress is not None:
+            raise RuntimeError(
+                f"refusing to write checkpoint {str(path)!r} in the middle of epoch {self._epoch_in_progress}: it could "
+                "not be resumed exactly (checkpoints are taken at epoch boundaries; the trainer writes them itself "
+                "with TrainerConfig.checkpoint_dir)"
+            )
         written = atomic_save(self.state_dict(), path) if self.is_main_process else None
         if self.distributed is not None:
             self.distributed.barrier()
@@ -1018,7 +1200,14 @@ class Trainer:
         buffer names/shapes differ) or a different configuration (any field except
         ``progress``, ``checkpoint_dir``, ``checkpoint_every`` and ``device``).
         """
-        self.load_state_dict(load_file(path, map_location=self.device))
+        state = load_file(path, map_location=self.device)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, IndexError, AttributeError) as error:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is incomplete or malformed ({type(error).__name__}: {error}); "
+                "it was not written by this version of the trainer, or it is damaged"
+            ) from None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; see :meth:`load_checkpoint`."""
@@ -1047,6 +1236,16 @@ class Trainer:
         self._pending_rng = state["rng"]
         restore_rng_state(state["rng"])
         self._resumed = True
+        self._epoch_in_progress = None
+
+
+def _slice_batch(batch: Batch, rows: slice) -> Batch:
+    """Rows ``rows`` of ``batch`` (views, no copy)."""
+    return Batch(
+        batch.inputs[rows],
+        {k: v[rows] for k, v in batch.targets.items()},
+        {k: v[rows] for k, v in batch.present.items()},
+    )
 
 
 def _seed_everything(seed: int) -> None:
