@@ -30,7 +30,7 @@ __all__ = ["Measurement", "Recorder", "check_losses", "half_gradients", "measure
 class Measurement(NamedTuple):
     """One batch: ``losses`` ``[n]``, ``norms`` ``[n]``, ``cosines`` ``[n, n]``, the noise
     cosines ``noise`` ``[n]`` (same task, two halves) and ``null`` ``[n, n]``
-    (:math:`\cos(g_i, g_j^A - g_j^B)`, see :mod:`mtlbook.diagnose.noise`), NaN when not measured
+    (:math:`\\cos(g_i, g_j^A - g_j^B)`, see :mod:`mtlbook.diagnose.noise`), NaN when not measured
     or when a gradient is zero, and the float64 ``gradients``."""
 
     losses: np.ndarray

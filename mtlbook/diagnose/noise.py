@@ -119,7 +119,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 def noise_thresholds(null_cosines: np.ndarray, alpha: float) -> np.ndarray:
     """Pairwise noise thresholds :math:`t_{ij}` ``[n, n]`` from null cosines ``[n_batches, n, n]``.
 
-    ``null_cosines[b, i, j]`` is :math:`\cos(g_i, e_j)` on batch ``b`` (module docstring).
+    ``null_cosines[b, i, j]`` is :math:`\\cos(g_i, e_j)` on batch ``b`` (module docstring).
     ``t_ij = min(0, quantile_alpha(+-null[:, i, j], +-null[:, j, i]))`` over the finite values;
     0 where there is none (then only the sign of the cosine is left).
     """
