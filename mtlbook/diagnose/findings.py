@@ -31,7 +31,7 @@ import numpy as np
 
 from mtlbook.diagnose.noise import binomial_tail
 
-__all__ = ["Finding", "build_findings", "NOISY_TASK_COSINE", "CONFLICT_P_VALUE"]
+__all__ = ["Finding", "build_findings", "suggested_weight", "NOISY_TASK_COSINE", "CONFLICT_P_VALUE"]
 
 #: A median noise cosine below this marks a task whose batch gradients are mostly noise.
 NOISY_TASK_COSINE = 0.2
@@ -70,6 +70,11 @@ def _sig(x: float, digits: int = 1) -> float:
     return round(x, -int(math.floor(math.log10(abs(x)))) + digits - 1)
 
 
+def suggested_weight(ratio: float) -> float:
+    """The static weight an imbalance finding suggests: the median ratio to one significant digit."""
+    return _sig(float(ratio), 1)
+
+
 def _fmt_ratio(x: float) -> str:
     if not math.isfinite(x):
         return "n/a"
@@ -92,7 +97,7 @@ def _imbalance(report) -> tuple[list[Finding], float]:
             continue
         largest = max(largest, q50)
         if q50 >= report.imbalance_threshold:
-            weight = _sig(q50)
+            weight = suggested_weight(q50)
             out.append(Finding(
                 "imbalance",
                 f"{names[k]}'s gradient on the shared parameters is {_fmt_ratio(q50)}x smaller than "
