@@ -35,7 +35,7 @@ def report_figure(report, width: float = 12.0, height: float = 3.6) -> Figure:
     ax_ratio.set_xlabel("gradient-norm ratio on the shared parameters")
     ax_ratio.set_ylabel("batches")
     ax_ratio.set_title("imbalance", fontsize=10)
-    ax_ratio.legend(fontsize=7, frameon=False)
+    ax_ratio.legend(fontsize=7, frameon=False, loc="upper left")
 
     threshold = report.noise_threshold
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
