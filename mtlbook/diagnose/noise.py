@@ -77,7 +77,12 @@ def _take(obj: Any, start: int) -> Any:
         return obj[start::2] if obj.dim() >= 1 else obj
     if isinstance(obj, Mapping):
         halves = {key: _take(value, start) for key, value in obj.items()}
-        return halves if type(obj) is dict else type(obj)(halves)
+        if type(obj) is dict:
+            return halves
+        try:
+            return type(obj)(halves)
+        except TypeError:  # a mapping type that cannot be built from a dict (e.g. defaultdict)
+            return halves
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
         return type(obj)(*(_take(value, start) for value in obj))
     if isinstance(obj, (tuple, list)):
