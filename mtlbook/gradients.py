@@ -1,0 +1,177 @@
+r"""Per-task gradients on shared parameters: the package's one helper for them.
+
+For task losses :math:`L_1, \dots, L_n` (scalars, still attached to the autograd graph) and
+shared parameters :math:`\theta_s` (a list of tensors, flattened and concatenated in order),
+
+.. math::
+
+    g_i = \operatorname{flatten}\bigl(\nabla_{\theta_s} L_i\bigr), \qquad
+    G = \begin{bmatrix} g_1 \\ \vdots \\ g_n \end{bmatrix} \in \mathbb R^{n \times d}
+    \quad\text{(task-major)}.
+
+Each :math:`g_i` is taken with ``torch.autograd.grad(L_i, theta_s, retain_graph=True,
+allow_unused=True)``: the graph survives, so the caller's own ``backward`` still works
+afterwards, and a parameter that :math:`L_i` does not reach contributes zeros (GUIDE
+section 3). This is the *loop* mode, one ``autograd.grad`` call per task: it works for any
+model and any loss. A loss that is not attached to the graph at all (``requires_grad`` False)
+gives a zero row, and :func:`per_task_gradients` says which tasks those were.
+
+The pairwise cosines come from one matrix product on the row-normalised :math:`G`,
+
+.. math::
+
+    \hat G = G / \max(\lVert g_i \rVert_2, 10^{-8}), \qquad C = \hat G \hat G^\top ,
+
+so a zero row (a task that does not reach :math:`\theta_s`) has cosine 0 with everything,
+itself included, instead of NaN.
+
+Other modules (``mtlbook.diagnostics``, ``mtlbook.adatt``, ``mtlbook.balancing``) still carry
+their own copies of this computation; they are meant to move onto this helper.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["COSINE_FLOOR", "TaskGradients", "as_parameter_list", "cosine_matrix", "per_task_gradients"]
+
+#: Norm floor of :func:`cosine_matrix` (GUIDE section 3).
+COSINE_FLOOR = 1e-8
+
+
+class TaskGradients(NamedTuple):
+    """What :func:`per_task_gradients` returns.
+
+    Attributes:
+        gradients: ``[n_tasks, d]`` flat gradients, task-major, in the dtype asked for.
+        task_names: the task order of the rows.
+        detached: names of tasks whose gradient on the shared parameters is exactly zero
+            because the loss does not reach them (not attached to the graph, or no shared
+            parameter is used by it). Their rows are zeros.
+    """
+
+    gradients: Tensor
+    task_names: tuple[str, ...]
+    detached: tuple[str, ...]
+
+
+def as_parameter_list(shared_parameters: nn.Module | Iterable[Tensor], name: str = "shared_parameters") -> list[Tensor]:
+    """Validate shared parameters and return them as a list.
+
+    A module contributes its parameters that require grad (frozen ones are skipped); an
+    explicit iterable of tensors must hold only tensors that require grad.
+
+    Raises:
+        TypeError: not a module or an iterable of tensors.
+        ValueError: empty, or a tensor that does not require grad.
+    """
+    if isinstance(shared_parameters, nn.Module):
+        params = [p for p in shared_parameters.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{name}: the module has no parameter with requires_grad=True")
+        return params
+    if isinstance(shared_parameters, Tensor):
+        shared_parameters = [shared_parameters]
+    try:
+        params = list(shared_parameters)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an nn.Module or an iterable of tensors, got {type(shared_parameters).__name__}"
+        ) from None
+    if not params:
+        raise ValueError(f"{name} must hold at least one tensor, got none")
+    for k, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}[{k}] must be a torch.Tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(
+                f"{name}[{k}] (shape {list(p.shape)}) does not require grad; pass only trainable tensors, "
+                f"e.g. [p for p in params if p.requires_grad]"
+            )
+    return params
+
+
+def _named_losses(task_losses: Mapping[str, Tensor] | Sequence[Tensor], name: str) -> tuple[tuple[str, ...], list[Tensor]]:
+    if isinstance(task_losses, Mapping):
+        names = tuple(task_losses.keys())
+        losses = list(task_losses.values())
+        for key in names:
+            if not isinstance(key, str):
+                raise TypeError(f"{name} keys must be task names (str), got {type(key).__name__}")
+    elif isinstance(task_losses, Tensor):
+        if task_losses.dim() != 1:
+            raise ValueError(f"{name} as a tensor must be 1-D [n_tasks], got shape {list(task_losses.shape)}")
+        losses = list(task_losses.unbind(0))
+        names = tuple(f"task{i}" for i in range(len(losses)))
+    elif isinstance(task_losses, Sequence) and not isinstance(task_losses, (str, bytes)):
+        losses = list(task_losses)
+        names = tuple(f"task{i}" for i in range(len(losses)))
+    else:
+        raise TypeError(f"{name} must be a dict of task name -> scalar loss, or a sequence of scalar losses, "
+                        f"got {type(task_losses).__name__}")
+    if not losses:
+        raise ValueError(f"{name} must hold at least one task loss, got none")
+    for task, loss in zip(names, losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"{name}[{task!r}] must be a torch.Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"{name}[{task!r}] must be a scalar loss (one element), got shape {list(loss.shape)}; "
+                "reduce it first, e.g. with .mean()"
+            )
+    return names, [loss.reshape(()) for loss in losses]
+
+
+def per_task_gradients(
+    task_losses: Mapping[str, Tensor] | Sequence[Tensor],
+    shared_parameters: nn.Module | Iterable[Tensor],
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> TaskGradients:
+    """Flat per-task gradients :math:`g_i = \\nabla_{\\theta_s} L_i`, task-major ``[n_tasks, d]``.
+
+    Args:
+        task_losses: ``{task: scalar loss}`` (rows in the dict's order) or a sequence / 1-D
+            tensor of scalar losses (tasks named ``task0, task1, ...``), graph attached.
+        shared_parameters: the parameters :math:`\\theta_s` (a module or tensors).
+        dtype: dtype of the result (float64 by default, so cosines of tiny gradients are exact
+            enough to compare).
+
+    Returns:
+        :class:`TaskGradients` (gradients, task names, tasks that do not reach the
+        parameters). The autograd graph is kept (``retain_graph=True``).
+    """
+    names, losses = _named_losses(task_losses, "task_losses")
+    params = as_parameter_list(shared_parameters)
+    dim = sum(p.numel() for p in params)
+    device = params[0].device
+    grads = torch.zeros(len(losses), dim, dtype=dtype, device=device)
+    detached = []
+    with torch.enable_grad():
+        for i, loss in enumerate(losses):
+            if not loss.requires_grad:
+                detached.append(names[i])
+                continue
+            parts = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            if all(g is None for g in parts):
+                detached.append(names[i])
+                continue
+            grads[i] = torch.cat([
+                (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(dtype) for g, p in zip(parts, params)
+            ])
+    return TaskGradients(grads, names, tuple(detached))
+
+
+def cosine_matrix(gradients: Tensor) -> Tensor:
+    """Pairwise cosines of the rows of ``gradients`` ``[n, d]`` -> ``[n, n]``, in one matmul.
+
+    Rows are divided by :math:`\\max(\\lVert g_i \\rVert, 10^{-8})`, so a zero row has cosine 0
+    with every row (its diagonal entry included) instead of NaN.
+    """
+    if not isinstance(gradients, Tensor) or gradients.dim() != 2:
+        raise ValueError(f"gradients must be a 2-D tensor [n_tasks, d], got {getattr(gradients, 'shape', type(gradients))}")
+    unit = gradients / gradients.norm(dim=1, keepdim=True).clamp_min(COSINE_FLOOR)
+    return unit @ unit.T
