@@ -39,14 +39,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "== installing requirements.lock (exact versions, sha256-checked; torch is the CPU build) and mtlbook"
   rm -f "$stamp"
   piplog=$(mktemp)
-  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
-        -r requirements.lock 2> >(tee "$piplog" >&2); then
-    sleep 0.2  # let tee finish writing pip's message
+  # pip's stderr goes to a log, shown afterwards without the noise of missing local index dirs
+  pipok=1
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+      -r requirements.lock 2>"$piplog" || pipok=0
+  grep -v 'is ignored: it is neither a file nor a directory' "$piplog" >&2 || true
+  if [ "$pipok" = 0 ]; then
     if grep -q "DO NOT MATCH THE HASHES" "$piplog"; then
       # pip lists each artifact as "    name==version from URL:" above its expected/got hashes
       bad=$(sed -n 's/^ *\([A-Za-z0-9._-]*==[^ ]*\) from \(.*\):$/\1 (\2)/p' "$piplog" | paste -sd ';' -)
       echo "setup.sh: requirements.lock did not verify: the sha256 of ${bad:-an artifact named in the message above} is not the one in the lock." >&2
-      echo "setup.sh: nothing was trusted. If the lock is out of date, refresh it with \`make lock\` (see CONTRIBUTING.md); otherwise the file was altered on the way: do not install it." >&2
+      echo "setup.sh: pip installed nothing. If the lock is out of date, refresh it with \`make lock\` (see CONTRIBUTING.md); otherwise the file was altered on the way: do not install it." >&2
     else
       echo "setup.sh: installing requirements.lock failed (pip's message above); if requirements.txt changed, refresh the lock with \`make lock\`" >&2
     fi
