@@ -47,7 +47,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ "$pipok" = 0 ]; then
     if grep -q "DO NOT MATCH THE HASHES" "$piplog"; then
       # pip lists each artifact as "    name==version from URL:" above its expected/got hashes
-      bad=$(sed -n 's/^ *\([A-Za-z0-9._-]*==[^ ]*\) from \(.*\):$/\1 (\2)/p' "$piplog" | paste -sd ';' -)
+      bad=$(sed -n 's/^ *\([A-Za-z0-9._-]*==[^ ]*\) from \([^ ]*\).*:$/\1 from \2/p' "$piplog" | paste -sd ';' -)
       echo "setup.sh: requirements.lock did not verify: the sha256 of ${bad:-an artifact named in the message above} is not the one in the lock." >&2
       echo "setup.sh: pip installed nothing. If the lock is out of date, refresh it with \`make lock\` (see CONTRIBUTING.md); otherwise the file was altered on the way: do not install it." >&2
     else
