@@ -50,6 +50,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
       bad=$(sed -n 's/^ *\([A-Za-z0-9._-]*==[^ ]*\) from \([^ ]*\).*:$/\1 from \2/p' "$piplog" | paste -sd ';' -)
       echo "setup.sh: requirements.lock did not verify: the sha256 of ${bad:-an artifact named in the message above} is not the one in the lock." >&2
       echo "setup.sh: pip installed nothing. If the lock is out of date, refresh it with \`make lock\` (see CONTRIBUTING.md); otherwise the file was altered on the way: do not install it." >&2
+    elif grep -q "No matching distribution found for torch==" "$piplog"; then
+      echo "setup.sh: the locked CPU torch wheel ($(grep -o '^torch==[^ ]*' requirements.lock)) is not on PyPI; put it in a wheel directory" >&2
+      echo "setup.sh: that pip's configuration names (pip config set global.find-links DIR) and run again" >&2
     else
       echo "setup.sh: installing requirements.lock failed (pip's message above); if requirements.txt changed, refresh the lock with \`make lock\`" >&2
     fi
