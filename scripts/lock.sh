@@ -16,7 +16,8 @@ tools=$(mktemp -d)
 trap 'rm -rf "$tools"' EXIT
 echo "== $PIP_TOOLS in a throwaway venv"
 "$PY" -m venv "$tools/venv"
-"$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip "$PIP_TOOLS"
+"$tools/venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip "$PIP_TOOLS" \
+  2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
 echo "== requirements.lock (upgrade=$upgrade)"
 args=(--quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links)
