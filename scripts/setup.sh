@@ -35,7 +35,10 @@ if [ -n "$lock_py" ] && [ "$lock_py" != "$venv_py" ]; then
 fi
 stamp=.venv/.mtlbook-installed
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# (re)install when the lock changed, or when the venv drifted from it (pip freeze, e.g. a
+# package installed or upgraded by hand)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
+   || ! .venv/bin/python scripts/lockcheck.py >/dev/null 2>&1; then
   echo "== installing requirements.lock (exact versions, sha256-checked; torch is the CPU build) and mtlbook"
   rm -f "$stamp"
   piplog=$(mktemp)
