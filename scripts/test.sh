@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set everything up and run every test: unit tests, every chapter under strict nbval,
-# the book build with warnings as errors, and the browser tests on the built book.
+# Set everything up and run every test: the installed packages against requirements.lock,
+# unit tests, every chapter under strict nbval, the book build with warnings as errors, and
+# the browser tests on the built book.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --browser || exit 1
@@ -21,6 +22,7 @@ run_step() {
   [ $rc -eq 0 ] || status=1
 }
 
+run_step "installed packages = requirements.lock (pip freeze)" .venv/bin/python scripts/lockcheck.py
 run_step "unit tests" "${PYTEST[@]}" tests -m "not browser" -q
 shopt -s nullglob
 notebooks=(book/*.ipynb)
