@@ -35,6 +35,12 @@ transfer term is a constant and sends no gradient anywhere. The cap assumes
 transfer for that task is switched off (gradient-wise) while its value shifts by
 :math:`\\rho_{\\max} L_i`.
 
+**What the shared parameters see.** The trainer sums the enhanced losses, and the sum is
+:math:`\\sum_j c_j L_j` plus constants, with
+:math:`c_j = 1 + \\lambda \\sum_{i \\text{ uncapped}, i \\ne j} w_{ij} \\in [1, 1 + \\lambda (n-1)]`
+(:meth:`AdaptiveTaskTransfer.effective_task_weights`, appendix A.5): the transfer rescales each
+task's own gradient; it does not route one task's gradient into another's update.
+
 **Schedule** (epoch ``e``, 0-based): warmup (``e < warmup_epochs``) measures only and returns
 the losses unchanged; dynamic (``warmup_epochs <= e < freeze_epoch``) measures, transfers and
 learns :math:`W` while :math:`r` anneals; frozen (``e >= freeze_epoch``) stops measuring and
@@ -325,14 +331,9 @@ class AdaptiveTaskTransfer(nn.Module):
         Differentiable in ``W`` except in the frozen phase (then ``W`` is detached). The
         result is also stored (detached) for :attr:`transfer_matrix`.
         """
-        weights = self._peer_weights(as_presence(present, self.n_tasks, self.affinity_computer.affinity.device))
-        self.last_transfer_weights.copy_(weights.detach())
-        return weights
-
-    def _peer_weights(self, mask: Tensor) -> Tensor:
-        """The weights of :meth:`transfer_weights` for a presence ``mask``, without storing them."""
         n = self.n_tasks
         affinity = self.affinity_computer.affinity
+        mask = as_presence(present, n, affinity.device)
         logits_w = self.transfer_logits.detach() if self.phase == "frozen" else self.transfer_logits
         mixed = logits_w + affinity
         if bool(self.prior_configured):
@@ -349,7 +350,9 @@ class AdaptiveTaskTransfer(nn.Module):
         else:
             weights = torch.softmax(scores.masked_fill(blocked, 0.0), dim=1)
         keep = mask[:, None] & mask[None, :]
-        return weights * keep.to(weights.dtype)
+        weights = weights * keep.to(weights.dtype)
+        self.last_transfer_weights.copy_(weights.detach())
+        return weights
 
     def detect_negative_transfer(self) -> dict[str, list[str]]:
         """``{task: [peers j with A_ij < tau]}``, only tasks with at least one such peer."""
@@ -435,7 +438,9 @@ class AdaptiveTaskTransfer(nn.Module):
         if not self.enabled or self.phase == "warmup":
             return ones
         mask = as_presence(present, self.n_tasks, losses.device)
-        weights = self._peer_weights(mask).detach().to(device=losses.device, dtype=losses.dtype)
+        stored = self.last_transfer_weights.clone()  # transfer_weights overwrites it; keep the plots' copy
+        weights = self.transfer_weights(mask).detach().to(device=losses.device, dtype=losses.dtype)
+        self.last_transfer_weights.copy_(stored)
         weights = weights.masked_fill(torch.eye(self.n_tasks, dtype=torch.bool, device=losses.device), 0.0)
         peer_losses = torch.where(mask, losses, torch.zeros_like(losses))
         transfer = self.transfer_lambda * (weights @ peer_losses)
