@@ -35,6 +35,12 @@ transfer term is a constant and sends no gradient anywhere. The cap assumes
 transfer for that task is switched off (gradient-wise) while its value shifts by
 :math:`\\rho_{\\max} L_i`.
 
+**What the shared parameters see.** The trainer sums the enhanced losses, and the sum is
+:math:`\\sum_j c_j L_j` plus constants, with
+:math:`c_j = 1 + \\lambda \\sum_{i \\text{ uncapped}, i \\ne j} w_{ij} \\in [1, 1 + \\lambda (n-1)]`
+(:meth:`AdaptiveTaskTransfer.effective_task_weights`, appendix A.5): the transfer rescales each
+task's own gradient; it does not route one task's gradient into another's update.
+
 **Schedule** (epoch ``e``, 0-based): warmup (``e < warmup_epochs``) measures only and returns
 the losses unchanged; dynamic (``warmup_epochs <= e < freeze_epoch``) measures, transfers and
 learns :math:`W` while :math:`r` anneals; frozen (``e >= freeze_epoch``) stops measuring and
@@ -399,6 +405,56 @@ class AdaptiveTaskTransfer(nn.Module):
         cap = self.max_transfer_ratio * losses.detach()
         enhanced = losses + torch.minimum(transfer, cap)
         return torch.where(mask, enhanced, losses)
+
+    @torch.no_grad()
+    def effective_task_weights(
+        self, task_losses: Tensor | Sequence[Tensor], present: Tensor | Sequence[bool] | None = None
+    ) -> Tensor:
+        """Weight ``c_j`` ``[n]`` with which each task loss enters the summed transfer-enhanced loss.
+
+        Summing the transfer-enhanced losses over the tasks gives, up to terms that carry no
+        gradient (the capped rows' :math:`\\rho_{\\max} \\operatorname{sg}(L_i)`),
+
+        .. math::
+
+            \\sum_i L_i^{\\text{adaTT}} = \\sum_j c_j L_j + \\text{const}, \\qquad
+            c_j = 1 + \\lambda \\sum_{i \\ne j,\\ i \\in \\mathcal U} w_{ij},
+
+        with :math:`\\mathcal U` the present rows whose cap does not bind
+        (:math:`\\lambda \\sum_k w_{ik} L_k < \\rho_{\\max} L_i`; a row exactly at its cap
+        counts one half, as ``torch.minimum`` splits the gradient of a tie). So the shared
+        parameters receive :math:`\\sum_j c_j \\nabla L_j`: adaTT rescales each task's own
+        gradient, with :math:`1 \\le c_j \\le 1 + \\lambda (n - 1)`; it never hands one task
+        another's gradient direction. ``c_j`` is the column sum of the uncapped rows of
+        :math:`\\lambda w`, plus 1 (appendix A.5).
+
+        An absent task keeps weight 1 (its loss passes through unchanged) and lends nothing
+        (its column of ``w`` is 0). When the module is disabled or in warmup every weight is 1.
+        The result equals the Jacobian :math:`\\partial \\sum_i L_i^{\\text{adaTT}} / \\partial L_j`
+        at these losses and the current ``W``, ``A`` and epoch; it does not update
+        :attr:`transfer_matrix`.
+
+        Args:
+            task_losses: ``[n]`` per-task losses (already balancer-weighted, as fed to
+                :meth:`compute_transfer_loss`); absent entries may be NaN.
+            present: bool ``[n]``, False for tasks without targets; ``None`` means all present.
+        """
+        losses = as_loss_vector(task_losses, self.n_tasks).detach()
+        ones = torch.ones_like(losses)
+        if not self.enabled or self.phase == "warmup":
+            return ones
+        mask = as_presence(present, self.n_tasks, losses.device)
+        stored = self.last_transfer_weights.clone()  # transfer_weights overwrites it; keep the plots' copy
+        weights = self.transfer_weights(mask).detach().to(device=losses.device, dtype=losses.dtype)
+        self.last_transfer_weights.copy_(stored)
+        weights = weights.masked_fill(torch.eye(self.n_tasks, dtype=torch.bool, device=losses.device), 0.0)
+        peer_losses = torch.where(mask, losses, torch.zeros_like(losses))
+        transfer = self.transfer_lambda * (weights @ peer_losses)
+        cap = self.max_transfer_ratio * losses
+        # d min(t, c)/dt as torch.minimum computes it: 1 below the cap, 1/2 at a tie, 0 above
+        open_rows = torch.where(transfer < cap, ones, torch.where(transfer == cap, 0.5 * ones, 0.0 * ones))
+        open_rows = torch.where(mask, open_rows, torch.zeros_like(open_rows))
+        return ones + self.transfer_lambda * (open_rows[:, None] * weights).sum(dim=0)
 
     def forward(
         self,

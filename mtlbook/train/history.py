@@ -20,6 +20,11 @@ and a ``torch.load(weights_only=True)`` checkpoint unchanged. Each record holds:
 ``balancer_weights``, ``affinity``, ``transfer_weights``
     the balancer's per-task weights ``[n]`` and adaTT's affinity and transfer matrices
     ``[n][n]`` at the end of the epoch (task-major, row i receives from column j).
+``effective_weights``, ``loss_weights``
+    adaTT's effective task weights :math:`c_j` ``[n]`` at the end of the epoch, evaluated at
+    the epoch-mean losses (``None`` without adaTT; all 1 in warmup and phase 2), and
+    :math:`c_j b_j` with the balancer's weights :math:`b_j`: the multiplier of each task's
+    gradient on the shared parameters (:mod:`mtlbook.train.reweighting`, appendix A.5).
 ``skipped_nan``, ``skipped_oom``, ``steps``, ``batches``
     batches skipped for a non-finite loss/gradient and for out-of-memory errors, optimizer
     steps taken, batches seen.
@@ -41,10 +46,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["History", "TIMING_KEYS"]
+__all__ = ["History", "TIMING_KEYS", "VECTOR_KEYS"]
 
 #: Record fields that measure time and so differ between otherwise identical runs.
 TIMING_KEYS: tuple[str, ...] = ("time_s",)
+
+#: Per-task ``[n]`` record fields.
+VECTOR_KEYS: tuple[str, ...] = ("balancer_weights", "effective_weights", "loss_weights")
 
 
 class History:
@@ -178,13 +186,21 @@ class History:
         raise ValueError(f"epoch must be one of the recorded epochs {self.epochs} (or negative), got {epoch}")
 
     def matrix(self, name: str, epoch: int = -1) -> Tensor:
-        """``"affinity"``, ``"transfer_weights"`` ``[n, n]`` or ``"balancer_weights"`` ``[n]`` at ``epoch``."""
-        if name not in ("affinity", "transfer_weights", "balancer_weights"):
-            raise ValueError(f"name must be 'affinity', 'transfer_weights' or 'balancer_weights', got {name!r}")
+        """``"affinity"``, ``"transfer_weights"`` ``[n, n]`` or one of :data:`VECTOR_KEYS` ``[n]`` at ``epoch``."""
+        if name not in ("affinity", "transfer_weights") + VECTOR_KEYS:
+            raise ValueError(f"name must be 'affinity', 'transfer_weights' or one of {VECTOR_KEYS}, got {name!r}")
         value = self._record_at(epoch).get(name)
         if value is None:
             raise ValueError(f"no {name} was recorded at epoch {epoch} (run without adaTT/balancer weights?)")
         return torch.tensor(value, dtype=torch.float64)
+
+    def weights(self, name: str = "loss_weights") -> Tensor:
+        """One of :data:`VECTOR_KEYS` over training, ``[epochs, n]``; NaN rows where not recorded."""
+        if name not in VECTOR_KEYS:
+            raise ValueError(f"name must be one of {VECTOR_KEYS}, got {name!r}")
+        n = len(self.task_names)
+        rows = [r.get(name) or [math.nan] * n for r in self.records]
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), n)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self, drop_timing: bool = False) -> dict[str, Any]:

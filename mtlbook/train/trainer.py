@@ -112,6 +112,7 @@ from mtlbook.train.distributed import (
     sum_over_ranks,
 )
 from mtlbook.train.history import History
+from mtlbook.train.reweighting import loss_weight_snapshot
 from mtlbook.train.metrics import METRIC_FOR_KIND, task_metric
 from mtlbook.train.schedules import build_phase1_scheduler, build_phase2_scheduler
 
@@ -806,6 +807,7 @@ class Trainer:
         record.update(counters)
         record["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
         record.update(self._snapshots())
+        record.update(loss_weight_snapshot(self.adatt, self.balancer, self.task_names, record["train"], self._fixed_weights))
 
         # end-of-epoch hooks: schedule, balancer, adaTT (phase 1 only), gate co-freeze
         with warnings.catch_warnings():
