@@ -38,10 +38,9 @@ from torch import Tensor
 
 from mtlbook.data._files import DataFile, DataFileFormatError, resolve_data_file
 from mtlbook.data.batch import MultiTaskDataset, TaskSpec
-from mtlbook.data.census_tasks import DEFAULT_TASKS, TASK_CATALOGUE, resolve_tasks
+from mtlbook.data.census_tasks import DEFAULT_TASKS, resolve_tasks
 
 __all__ = [
-    "TASK_CATALOGUE",
     "CENSUS_COLUMNS",
     "CENSUS_FILE",
     "CENSUS_NUMERIC",
@@ -348,8 +347,7 @@ def load_census_income(
             means ``False`` for the default two tasks (the papers' inputs, the book's
             historical results) and ``True`` for any other selection.
         dedupe: keep rows that are identical in every column but ``instance_weight`` in one
-            split: whole groups of identical rows are shuffled and cut by ``fractions`` (see
-            :func:`_grouped_split`), so split sizes differ slightly from the plain split's.
+            split: whole groups of identical rows are shuffled and cut by ``fractions``, so split sizes differ slightly from the plain split's.
             ``False`` gives the plain row split.
         fractions: (train, val, test), each > 0, summing to 1.
         log_money: apply ``log1p`` to wage, capital gains/losses and dividends before

@@ -13,7 +13,7 @@ Two stored tables, written by ``benchmarks/census_results.py`` and read by the c
 A *cell* is (table, variant, model, seed). Seed :math:`s` sets both the data split
 (``load_census_income(seed=s)``) and the initial weights and batch order, so the spread over
 seeds includes the split. Every cell trains on the full train split, selects the epoch with
-the lowest validation loss and scores the test split (:func:`model_family.evaluate_tasks`:
+the lowest validation loss and scores the test split (:func:`mtlbook.experiments.model_family.evaluate_tasks`:
 AUC for binary tasks, accuracy for the multi-class one, MSE of the standardised target for
 regression). :func:`run_cell` is deterministic on one CPU thread, so the chapter can re-run
 any cell and compare it with its stored row.
@@ -61,6 +61,7 @@ MANY_TASK_MODELS: tuple[str, ...] = ("single_task", "shared_bottom", "mmoe", "pl
 TABLES: tuple[str, ...] = ("two_task", "many_task")
 #: Training settings of every cell (the chapter's census settings, on the full train split).
 SETTINGS: dict[str, Any] = {"epochs": 5, "lr": 5e-3, "batch_size": 512, "width": 16}
+#: The columns of both stored tables (one row per cell and task).
 COLUMNS: tuple[str, ...] = (
     "table", "variant", "model", "seed", "task", "kind", "metric", "value",
     "n_train", "n_features", "epochs", "seconds",
