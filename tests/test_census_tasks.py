@@ -266,3 +266,33 @@ def test_statistics_come_from_the_train_split_only(tmp_path):
     k = len(data.numeric_features)
     assert torch.all(data.test.inputs[:, k:].sum(1) <= len(data.categorical_features))
     assert math.isclose(float(data.train.targets["weeks_worked"].mean()), 0.0, abs_tol=1e-5)
+
+
+# --------------------------------------------------------------------------- the stored-table driver
+def test_census_study_cells_and_errors(tmp_path):
+    from mtlbook.experiments import census_study as cs
+
+    cells = cs.cells([0, 1])
+    assert cells[0] == ("two_task", "papers", "shared_bottom", 0) and cells[-1] == ("many_task", "all", "ple", 1)
+    assert all(c[3] == 0 for c in cells[: len(cells) // 2])  # seed-major: whole seeds first
+    assert ("two_task", "deduped", "mmoe", 0) in cells and ("two_task", "deduped", "ple", 0) not in cells
+    path = _small_file(tmp_path, 600)
+    with pytest.raises(ValueError, match="variant"):
+        cs.run_cell("two_task", "nope", "mmoe", 0, path=path)
+    with pytest.raises(ValueError, match="model"):
+        cs.run_cell("two_task", "papers", "single_task", 0, path=path)
+    with pytest.raises(ValueError, match="table"):
+        cs.load_census_variant("three_task", "papers", 0, path, False)
+    small = {"epochs": 1, "batch_size": 128}
+    a = cs.run_cell("many_task", "all", "mmoe", 1, settings=small, path=path, verify_checksum=False)
+    b = cs.run_cell("many_task", "all", "mmoe", 1, settings=small, path=path, verify_checksum=False)
+    assert list(a.columns) == list(cs.COLUMNS) and list(a["task"]) == list(ALL_TASKS)
+    assert a["value"].tolist() == b["value"].tolist()  # deterministic: the chapter re-runs a cell
+    summary = cs.summarise(pd_concat([a, b.assign(seed=2, value=b["value"] + 0.01)]))
+    assert (summary["seeds"] == 2).all() and (summary["low"] < summary["mean"]).all()
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)

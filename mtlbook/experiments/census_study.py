@@ -68,24 +68,28 @@ COLUMNS: tuple[str, ...] = (
 )
 
 
-def load_census_variant(table: str, variant: str, seed: int, path=None):
+def load_census_variant(table: str, variant: str, seed: int, path=None, verify_checksum: bool = True):
     """The :class:`~mtlbook.data.census.CensusIncome` problem of one cell."""
     from mtlbook.data.census import load_census_income
 
     if table == "two_task":
         if variant not in TWO_TASK_VARIANTS:
             raise ValueError(f"variant must be one of {tuple(TWO_TASK_VARIANTS)} for table 'two_task', got {variant!r}")
-        return load_census_income(path, seed=seed, **TWO_TASK_VARIANTS[variant])
+        return load_census_income(path, seed=seed, verify_checksum=verify_checksum, **TWO_TASK_VARIANTS[variant])
     if table == "many_task":
         if variant != "all":
             raise ValueError(f"variant must be 'all' for table 'many_task', got {variant!r}")
-        return load_census_income(path, seed=seed, tasks="all")
+        return load_census_income(path, seed=seed, tasks="all", verify_checksum=verify_checksum)
     raise ValueError(f"table must be one of {TABLES}, got {table!r}")
 
 
 def run_cell(table: str, variant: str, model: str, seed: int, *, settings: dict[str, Any] | None = None,
-             path=None) -> "pd.DataFrame":
-    """Train and score one cell; one row per task with the columns :data:`COLUMNS`."""
+             path=None, verify_checksum: bool = True) -> "pd.DataFrame":
+    """Train and score one cell; one row per task with the columns :data:`COLUMNS`.
+
+    ``settings`` overrides entries of :data:`SETTINGS`; ``path`` and ``verify_checksum`` go to
+    the loader.
+    """
     from mtlbook.experiments import model_family as mf
 
     allowed = TWO_TASK_MODELS if table == "two_task" else MANY_TASK_MODELS
@@ -94,7 +98,7 @@ def run_cell(table: str, variant: str, model: str, seed: int, *, settings: dict[
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     config = dict(SETTINGS, **(settings or {}))
-    data = load_census_variant(table, variant, seed, path)
+    data = load_census_variant(table, variant, seed, path, verify_checksum)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # results do not depend on the machine's core count
     try:
