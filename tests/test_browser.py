@@ -239,3 +239,59 @@ def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
             )
         explorer.screenshot(path=str(SHOTS / f"{Path(path).stem}-explorer{k}.png"))
     page.close()
+
+
+# Anything that sticks out of the article on a phone, outside a box that scrolls or clips it
+# (code blocks, tables and display equations scroll inside their own box).
+_OVERFLOW_JS = """() => {
+  const article = document.querySelector('article.bd-article');
+  const right = article.getBoundingClientRect().right + 1;
+  const out = [];
+  for (const el of article.querySelectorAll('*')) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.right <= right) continue;
+    let p = el.parentElement, contained = false;
+    while (p && p !== article) {
+      const ox = getComputedStyle(p).overflowX;
+      if (ox !== 'visible' && p.getBoundingClientRect().right <= right) { contained = true; break; }
+      p = p.parentElement;
+    }
+    if (!contained) out.push(`${el.tagName.toLowerCase()} ${Math.round(r.right)}px: ${(el.textContent || '').trim().slice(0, 60)}`);
+  }
+  return {pageWidth: document.documentElement.scrollWidth, sticking: out};
+}"""
+
+
+@pytest.mark.parametrize("path", ALL_PAGES)
+def test_no_horizontal_overflow_on_a_phone(browser, site_url, path):
+    """At 390 px the page never scrolls sideways: text, signatures, equations and widgets fit
+    the column or scroll inside their own box."""
+    page, _ = _open(browser, f"{site_url}/{path}", width=390)
+    if page.locator("div.math, span.math").count():
+        page.wait_for_selector("mjx-container", timeout=20000)
+    if page.locator("script[type='application/vnd.jupyter.widget-view+json']").count():
+        page.wait_for_selector(".jupyter-widgets", timeout=30000)
+    page.wait_for_timeout(500)
+    result = page.evaluate(_OVERFLOW_JS)
+    assert result["pageWidth"] <= 390, f"{path} is {result['pageWidth']} px wide at 390 px: {result['sticking'][:3]}"
+    assert not result["sticking"], f"{path}: elements stick out of the column: {result['sticking'][:3]}"
+    page.close()
+
+
+API_PAGES = [p for p in ALL_PAGES if Path(p).name.startswith("api")]
+# raw Python reprs and PyTorch's own docstrings have no place in the API reference
+_API_NOISE = ("<factory>", "<function ", "<class '", " object at 0x", "Define the computation performed at every call")
+
+
+def test_api_reference_is_split_into_module_pages():
+    assert len(API_PAGES) > 10, "the API reference is expected as one page per module"
+
+
+@pytest.mark.parametrize("path", API_PAGES)
+def test_api_pages_have_no_raw_reprs_or_torch_docstrings(browser, site_url, path):
+    page, _ = _open(browser, f"{site_url}/{path}")
+    text = page.locator("article").inner_text()
+    found = [noise for noise in _API_NOISE if noise in text]
+    assert not found, f"{path} shows {found}"
+    page.close()
+
