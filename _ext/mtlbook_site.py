@@ -16,18 +16,30 @@ and two autodoc fixes for the API pages, so that no raw Python repr reaches the 
 - a module or class constant whose repr is not readable source (a dict of functions or
   classes: ``<function ...>``, ``<class ...>``) is documented without its value; its
   docstring says what it holds.
+
+It also registers the bibliography style ``mtlbook`` (``bibtex_default_style``): entries
+sorted by author and year and labelled the way the text cites them (``bibtex_reference_style:
+author_year``), e.g. ``[Crawshaw, 2020]`` and ``[Yu et al., 2020]``, instead of ``[Cra20]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from typing import Any
+
+from pybtex.plugin import register_plugin
+from pybtex.richtext import Text
+from pybtex.style.formatting.unsrt import Style as UnsrtStyle
+from pybtex.style.labels import BaseLabelStyle
 
 from sphinx.ext.autodoc import AttributeDocumenter, DataDocumenter
 from sphinx.util.inspect import object_description
 
 __all__ = [
+    "AuthorYearLabelStyle",
+    "AuthorYearStyle",
     "dedupe_scripts",
     "drop_print_button",
     "readable_dataclass_defaults",
@@ -109,7 +121,46 @@ class ReadableAttributeDocumenter(AttributeDocumenter):
         return super().should_suppress_value_header() or _unreadable_value(self.object)
 
 
+class AuthorYearLabelStyle(BaseLabelStyle):
+    """Labels as the text cites: ``Last, 2020``, ``A and B, 2020``, ``A et al., 2020``; a
+    letter (``2020a``, ``2020b``) separates equal labels."""
+
+    def _base(self, entry) -> str:
+        people = entry.persons.get("author") or entry.persons.get("editor") or []
+        names = [Text.from_latex(" ".join(p.prelast_names + p.last_names)).render_as("text") for p in people]
+        if not names:
+            who = entry.fields.get("organization") or entry.key
+        elif len(names) == 1:
+            who = names[0]
+        elif len(names) == 2:
+            who = f"{names[0]} and {names[1]}"
+        else:
+            who = f"{names[0]} et al."
+        return f"{who}, {entry.fields.get('year', 'n.d.')}"
+
+    def format_labels(self, sorted_entries):
+        entries = list(sorted_entries)
+        bases = [self._base(e) for e in entries]
+        counts = Counter(bases)
+        seen: Counter = Counter()
+        for base in bases:
+            if counts[base] == 1:
+                yield base
+            else:
+                yield base + "abcdefghijklmnopqrstuvwxyz"[seen[base]]
+                seen[base] += 1
+
+
+class AuthorYearStyle(UnsrtStyle):
+    """pybtex's unsrt entries, sorted by author, year and title, with author-year labels."""
+
+    default_sorting_style = "author_year_title"
+    default_label_style = "mtlbook_author_year"
+
+
 def setup(app):
+    register_plugin("pybtex.style.labels", "mtlbook_author_year", AuthorYearLabelStyle, force=True)
+    register_plugin("pybtex.style.formatting", "mtlbook", AuthorYearStyle, force=True)
     app.setup_extension("sphinx.ext.autodoc")
     app.add_autodocumenter(ReadableDataDocumenter, override=True)
     app.add_autodocumenter(ReadableAttributeDocumenter, override=True)

@@ -120,3 +120,26 @@ def test_print_button_is_dropped_and_downloads_kept():
     }]}
     site.drop_print_button(None, "p", "page.html", context, None)
     assert context["header_buttons"][0]["buttons"] == [{"label": "download-notebook-button"}]
+
+
+def test_bibliography_labels_read_like_author_year_citations():
+    from pybtex.database import parse_string
+
+    bib = parse_string(
+        r"""
+        @article{one, author={Michael Crawshaw}, title={A}, year={2020}}
+        @article{two, author={Alain, Guillaume and Bengio, Yoshua}, title={B}, year={2017}}
+        @article{many, author={Yu, T. and Kumar, S. and Gupta, A.}, title={C}, year={2020}}
+        @article{von, author={van den Oord, Aaron and Li, Y. and Vinyals, O.}, title={D}, year={2018}}
+        @article{twinA, author={Li, A. and Zhang, B. and Wu, C.}, title={E}, year={2023}}
+        @article{twinB, author={Li, A. and Ma, D. and Wu, C.}, title={F}, year={2023}}
+        @book{org, editor={{Stan Team}}, title={G}, year={2013}}
+        """,
+        "bibtex",
+    )
+    labels = list(site.AuthorYearLabelStyle().format_labels(bib.entries.values()))
+    assert labels == [
+        "Crawshaw, 2020", "Alain and Bengio, 2017", "Yu et al., 2020", "van den Oord et al., 2018",
+        "Li et al., 2023a", "Li et al., 2023b", "Stan Team, 2013",
+    ]
+

@@ -295,3 +295,45 @@ def test_api_pages_have_no_raw_reprs_or_torch_docstrings(browser, site_url, path
     assert not found, f"{path} shows {found}"
     page.close()
 
+
+def test_citations_in_the_text_match_the_bibliography_labels(browser, site_url):
+    """Every citation link reads exactly like the label of the entry it points to
+    ([Crawshaw, 2020] in the text and in the bibliography)."""
+    page, _ = _open(browser, f"{site_url}/book/bibliography.html")
+    labels = page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('div.citation')].map(
+              c => [c.id, c.querySelector('span.label').innerText.replace(/^\\[|\\]$/g, '')]))"""
+    )
+    page.close()
+    assert labels, "the bibliography has no entries"
+    checked, wrong = 0, []
+    for path in ALL_PAGES:
+        page, _ = _open(browser, f"{site_url}/{path}")
+        for href, text in page.evaluate(
+            """() => [...document.querySelectorAll('article a[href*="bibliography.html#"]')]
+                  .map(a => [a.getAttribute('href').split('#')[1], a.innerText])"""
+        ):
+            checked += 1
+            if " ".join(text.split()) != " ".join(labels.get(href, "?").split()):
+                wrong.append(f"{path}: {text!r} -> [{labels.get(href)}]")
+        page.close()
+    assert checked > 20, f"only {checked} citation links found"
+    assert not wrong, f"citations that differ from their bibliography label: {wrong[:5]}"
+
+
+def test_launch_buttons_use_the_repository_url_of_config(browser, site_url):
+    """Colab, Binder and the repository button all point at the one URL set in _config.yml,
+    and the download menu has no print-dialog ".pdf" entry."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url, branch = config["repository"]["url"].rstrip("/"), config["repository"].get("branch", "main")
+    slug = url.removeprefix("https://github.com/")
+    page, _ = _open(browser, f"{site_url}/{CHAPTER_1}")
+    links = page.evaluate("() => [...document.querySelectorAll('.article-header-buttons a')].map(a => a.href)")
+    assert f"https://colab.research.google.com/github/{slug}/blob/{branch}/book/01_toy_simulator.ipynb" in links
+    assert f"https://mybinder.org/v2/gh/{slug}/{branch}?urlpath=tree/book/01_toy_simulator.ipynb" in links
+    assert url in links
+    outside = [a for a in links if a.startswith("http") and "127.0.0.1" not in a and slug not in a]
+    assert not outside, f"header links that do not use the configured repository: {outside}"
+    assert page.locator(".download-pdf-button, [onclick*='window.print']").count() == 0
+    page.close()
+
