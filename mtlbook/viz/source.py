@@ -1,12 +1,23 @@
-"""Show the package's own code in a chapter (one source of truth, never a second copy)."""
+"""Show the package's own code in a chapter (one source of truth, never a second copy).
+
+Docstrings are written in reStructuredText for the API pages (``:math:``, ``.. math::``,
+``:cite:``), which a code listing would show raw. ``show_source(..., docstrings="strip")``
+prints the code without its docstrings and links each object to its API entry, where the
+same docstring is typeset.
+"""
 
 from __future__ import annotations
 
+import ast
+import html
 import inspect
+import re
 import textwrap
 from typing import Any
 
-__all__ = ["source_text", "show_source"]
+__all__ = ["source_text", "strip_docstrings", "api_href", "show_source"]
+
+DOCSTRING_MODES = ("keep", "strip")
 
 
 def source_text(*objects: Any) -> str:
@@ -23,13 +34,116 @@ def source_text(*objects: Any) -> str:
     return "\n\n\n".join(parts)
 
 
-def show_source(*objects: Any) -> Any:
+def strip_docstrings(source: str) -> str:
+    """``source`` (dedented Python) without the docstrings of its module, classes and functions.
+
+    A docstring that is the whole body of its function or class becomes ``...``; the blank line
+    that followed a removed docstring goes with it. In comment lines, reStructuredText roles
+    keep only their text (``:func:`simulate``` becomes ``simulate``) and autodoc's ``#:``
+    marker becomes ``#``. Everything else is kept character for character.
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a str, got {type(source).__name__}")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as error:
+        raise ValueError(f"source is not valid Python: {error}") from error
+    lines = source.splitlines()
+    replace: dict[int, str | None] = {}  # 0-based line -> replacement (None: drop)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        body = node.body
+        if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            continue
+        first, last = body[0].lineno - 1, body[0].end_lineno - 1
+        indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        for k in range(first, last + 1):
+            replace[k] = None
+        if len(body) == 1:
+            replace[first] = indent + "..."
+        elif last + 1 < len(lines) and not lines[last + 1].strip():
+            replace[last + 1] = None
+    out = [replace.get(k, line) for k, line in enumerate(lines)]
+    return "\n".join(_plain_comment(line) for line in out if line is not None)
+
+
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]*)`")
+
+
+def _plain_comment(line: str) -> str:
+    stripped = line.lstrip()
+    if not stripped.startswith("#"):
+        return line
+    indent = line[: len(line) - len(stripped)]
+    if stripped.startswith("#:"):
+        stripped = "#" + stripped[2:]
+    return indent + _ROLE.sub(r"\1", stripped)
+
+
+def _documented(obj: Any) -> Any:
+    if isinstance(obj, property):
+        return obj.fget
+    if isinstance(obj, (staticmethod, classmethod)):
+        return obj.__func__
+    return inspect.unwrap(obj) if callable(obj) else obj
+
+
+def api_href(obj: Any) -> str | None:
+    """Where ``obj`` is documented in the book, relative to a chapter page: the page of its
+    module (``api_<module>.html``, see ``scripts/api_pages.py``) and the anchor of the object,
+    or of its nearest public parent for a private method. ``None`` outside the package or for
+    a private module."""
+    obj = _documented(obj)
+    if inspect.ismodule(obj):
+        module, qualname = obj.__name__, ""
+    else:
+        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    if not module or not module.startswith("mtlbook.") or any(p.startswith("_") for p in module.split(".")):
+        return None
+    page = "api_" + module.removeprefix("mtlbook.").replace(".", "_") + ".html"
+    public = []
+    for part in qualname.split("."):
+        if not part or part.startswith("_") or part == "<locals>":
+            break
+        public.append(part)
+    anchor = f"{module}.{'.'.join(public)}" if public else f"module-{module}"
+    return f"{page}#{anchor}"
+
+
+def _name(obj: Any) -> str:
+    obj = _documented(obj)
+    if inspect.ismodule(obj):
+        return obj.__name__
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def show_source(*objects: Any, docstrings: str = "keep") -> Any:
     """A syntax-highlighted code block of the objects' source, for display in a notebook.
 
     Returns an :class:`IPython.display.Markdown` object (a fenced ``python`` block), which
     Jupyter and the built book both render with highlighting; make it the cell's last
     expression or pass it to ``display``.
+
+    Args:
+        objects: functions, classes, methods or modules of the package.
+        docstrings: ``"keep"`` prints the source as it is; ``"strip"`` prints it without
+            docstrings (their reStructuredText would show raw) and adds, under the listing,
+            links to the API entries where the docstrings are typeset.
     """
     from IPython.display import Markdown
 
-    return Markdown("```python\n" + source_text(*objects) + "\n```")
+    if docstrings not in DOCSTRING_MODES:
+        raise ValueError(f"docstrings must be one of {DOCSTRING_MODES}, got {docstrings!r}")
+    if not objects:
+        raise ValueError("show_source needs at least one object")
+    if docstrings == "keep":
+        return Markdown("```python\n" + source_text(*objects) + "\n```")
+    code = "\n\n\n".join(strip_docstrings(source_text(obj)) for obj in objects)
+    links = []
+    for obj in objects:
+        href, name = api_href(obj), html.escape(_name(obj))
+        links.append(f'<a href="{href}"><code>{name}</code></a>' if href else f"<code>{name}</code>")
+    note = "Docstrings, with the math typeset: " + ", ".join(links) + "."
+    return Markdown("```python\n" + code + "\n```\n\n" + note)
