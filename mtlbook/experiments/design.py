@@ -30,8 +30,8 @@ over the reference, in %: :math:`d_k = \frac{100}{T}\sum_t \Delta(m^{c}_{k,t}, m
 others. **Decision rule**: a contrast is significant when its Holm-adjusted paired t-test
 p-value is below :data:`ALPHA`; the exact sign-flip test is reported beside it as a check
 that does not assume normality. **Equivalence**: TOST with margin
-:data:`EQUIVALENCE_MARGIN` (in % of task-averaged relative change), fixed before any result
-of the 30-seed table was computed.
+:data:`EQUIVALENCE_MARGIN` (in % of task-averaged relative change), fixed before the
+second edition's table was analysed.
 
 :func:`cause_verdict` turns the three primary contrasts of a dataset into a verdict that
 names its cause: ``"transfer"``, ``"freeze"``, ``"transfer and freeze"`` or ``"nothing"``.
