@@ -111,10 +111,17 @@ def test_schema_is_stable(tmp_path):
         write_table(table.drop(columns=["wall_time"]), tmp_path / "bad.csv")
 
 
-def test_parallel_workers_give_the_same_table(tmp_path):
+def test_parallel_jobs_give_the_same_table(tmp_path):
     serial = run_grid(None, CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer())
-    parallel = run_grid(tmp_path / "p.csv", CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer(), workers=2)
+    path = tmp_path / "p.csv"
+    parallel = run_grid(path, CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer(), n_jobs=2)
     pd.testing.assert_frame_equal(serial, parallel)
+    pd.testing.assert_frame_equal(load_table(path), parallel)  # the file holds every cell
+    # a failing cell in a worker process is recorded, not raised
+    failing = run_grid(None, CONFIGS2, ["census"], [0, 1], train_fn=FakeTrainer(fail={("ple_uw", "census", 1)}),
+                       n_jobs=2)  # fmt: skip
+    bad = failing.loc[failing["status"] == "failed"]
+    assert len(bad) == 1 and "boom" in bad["error"].iloc[0]
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
@@ -139,8 +146,8 @@ def test_run_grid_validates_arguments(tmp_path):
         run_grid(None, ["ple_uw"], ["mnist"], [0], train_fn=FakeTrainer())
     with pytest.raises(ValueError, match="seeds must be ints"):
         run_grid(None, ["ple_uw"], ["census"], [-1], train_fn=FakeTrainer())
-    with pytest.raises(ValueError, match="workers"):
-        run_grid(None, ["ple_uw"], ["census"], [0], train_fn=FakeTrainer(), workers=0)
+    with pytest.raises(ValueError, match="n_jobs"):
+        run_grid(None, ["ple_uw"], ["census"], [0], train_fn=FakeTrainer(), n_jobs=0)
     with pytest.raises(ValueError, match="size must be one of"):
         run_grid(None, ["ple_uw"], ["census"], [0], size="huge", train_fn=FakeTrainer())
 
@@ -296,6 +303,68 @@ def test_configurations():
     assert trainer_config(get_config("adatt_no_blocking"), 0, "small", groups).adatt["negative_threshold"] == -1.0
     assert trainer_config(get_config("adatt_zero_logit"), 0, "small", groups).adatt["blocking"] == "zero_logit"
     assert trainer_config(get_config("ple_pcgrad"), 0, "small", groups).adatt is None
+
+
+def test_verdict_controls_configure_the_trainer():
+    small = study.SIZES["small"]
+    groups = {"g0": ("a", "b")}
+    lambda0 = trainer_config(get_config("adatt_lambda0"), 0, "small", groups)
+    assert lambda0.adatt["transfer_lambda"] == 0.0 and lambda0.adatt_gate_cofreeze and lambda0.gate_freeze_epoch is None
+    assert lambda0.balancing == "uncertainty"
+    freeze = trainer_config(get_config("ple_uw_freeze"), 0, "small", groups)
+    assert freeze.adatt is None and freeze.balancing == "uncertainty"
+    assert freeze.gate_freeze_epoch == small.adatt_freeze_epoch == lambda0.adatt["freeze_epoch"]
+    no_cofreeze = trainer_config(get_config("adatt_no_cofreeze"), 0, "small", groups)
+    assert no_cofreeze.adatt is not None and "transfer_lambda" not in no_cofreeze.adatt
+    assert no_cofreeze.adatt_gate_cofreeze is False and no_cofreeze.gate_freeze_epoch is None
+    ple_adatt = trainer_config(get_config("ple_adatt"), 0, "small", groups)
+    assert ple_adatt.balancing == "equal" and ple_adatt.adatt is not None and ple_adatt.adatt_gate_cofreeze
+    default = trainer_config(get_config("ple_uw_adatt"), 0, "small", groups)
+    assert default.adatt_gate_cofreeze and default.gate_freeze_epoch is None and default.task_weights == {}
+    tuned = get_config("ple_ls_tuned")
+    assert tuned.tuned_weights and tuned.balancing == "equal" and tuned.adatt is None
+    weighted = trainer_config(tuned, 0, "small", None, {"a": 0.5, "b": 2.0})
+    assert weighted.task_weights == {"a": 0.5, "b": 2.0}
+    assert set(study.PRIMARY_CONFIGS) <= set(study.CONFIG_NAMES) and set(study.SECONDARY_CONFIGS) <= set(study.CONFIG_NAMES)
+    # contradictory settings are refused
+    with pytest.raises(ValueError, match="gate_freeze"):
+        StudyConfig("x", "x", "control", adatt=(), gate_freeze=True)
+    with pytest.raises(ValueError, match="cofreeze"):
+        StudyConfig("x", "x", "control", cofreeze=False)
+    with pytest.raises(ValueError, match="tuned_weights"):
+        StudyConfig("x", "x", "baseline", tuned_weights=True)  # UW balancing
+
+
+TINY = dict(name="tiny", suite_rows=(96, 48, 64), phase1_epochs=2, phase2_epochs=1, batch_size=48,
+            adatt_warmup_epochs=0, adatt_freeze_epoch=1, adatt_grad_interval=1,
+            model={"n_levels": 1, "n_shared_experts": 1, "n_task_experts": 1, "expert_hidden": (4,),
+                   "expert_dim": 4, "tower_hidden": (4,)})  # fmt: skip
+
+
+def test_lambda0_equals_the_gate_clock_and_the_cofreeze_matters():
+    """adaTT with lambda = 0 changes training only through the gate freeze: bit-identical to
+    PLE + UW with the gates frozen at the same epoch, and different from PLE + UW."""
+    tiny = dataclasses.replace(study.SIZES["small"], **TINY)
+    lambda0 = run_cell("adatt_lambda0", "suite_conflict", 2, tiny)
+    freeze = run_cell("ple_uw_freeze", "suite_conflict", 2, tiny)
+    plain = run_cell("ple_uw", "suite_conflict", 2, tiny)
+    no_cofreeze = run_cell("adatt_no_cofreeze", "suite_conflict", 2, tiny)
+    default = run_cell("ple_uw_adatt", "suite_conflict", 2, tiny)
+    assert lambda0.metrics == freeze.metrics
+    assert freeze.metrics != plain.metrics
+    assert no_cofreeze.metrics != default.metrics
+
+
+def test_tuned_static_weights_cell_picks_a_trial_on_validation():
+    tiny = dataclasses.replace(study.SIZES["small"], **TINY)
+    tuned = run_cell("ple_ls_tuned", "suite_benign", 1, tiny)
+    equal = run_cell("ple_equal", "suite_benign", 1, tiny)
+    assert "static weights: trial" in tuned.note and f"of {study.LS_TRIALS}" in tuned.note
+    assert tuned.epochs_run == study.LS_TRIALS * equal.epochs_run  # every trial trained, all counted
+    assert [t for t, _, _ in tuned.metrics] == [t for t, _, _ in equal.metrics]
+    if "trial 0 " in tuned.note:  # trial 0 is raw equal weights: the ple_equal run itself
+        assert tuned.metrics == equal.metrics
+    assert tuned.metrics == run_cell("ple_ls_tuned", "suite_benign", 1, tiny).metrics
 
 
 def test_run_cell_is_deterministic_and_complete():

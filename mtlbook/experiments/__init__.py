@@ -10,6 +10,13 @@
   configurations x datasets x seeds (``run_grid``, ``run_cell``), its tidy results table
   (``COLUMNS``, ``load_table``) and its statistics (``t_interval``, ``paired_differences``,
   ``holm``, ``mtl_gain``, ``time_ratios``, ``verdict``).
+* :mod:`mtlbook.experiments.design`: chapter 8's verdict design, the declared contrasts that
+  separate adaTT's transfer from its gate co-freeze, their Holm families and the verdict that
+  names a cause (``contrast_table``, ``cause_verdict``).
+* :mod:`mtlbook.experiments.inference`: exact sign-flip permutation test, TOST equivalence,
+  power and minimum detectable effect of the paired t-test.
+* :mod:`mtlbook.experiments.static_weights`: the tuned static-weight baseline's search space
+  and its choice on validation data.
 
 Nothing is imported here: import the module you need, so that ``import mtlbook.experiments``
 stays free (no torch, pandas or matplotlib).

@@ -52,7 +52,6 @@ import os
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -128,6 +127,15 @@ REFERENCE = "ple_uw"
 CANDIDATE = "ple_uw_adatt"
 #: The single-task baseline (one model per task) used for the MTL gain.
 SINGLE_TASK = "single_task"
+#: Weight trials per cell of the tuned static-weight baseline ``ple_ls_tuned``.
+LS_TRIALS = 4
+#: The configurations that separate adaTT's parts (chapter 8's verdict design): the reference,
+#: adaTT as shipped, and three controls. ``adatt_lambda0`` measures and co-freezes but
+#: transfers nothing; ``ple_uw_freeze`` freezes the gates at adaTT's freeze epoch without
+#: adaTT; ``adatt_no_cofreeze`` transfers without freezing the gates.
+PRIMARY_CONFIGS: tuple[str, ...] = ("ple_uw", "ple_uw_adatt", "adatt_lambda0", "ple_uw_freeze", "adatt_no_cofreeze")
+#: Baselines run after the primary configurations when time allows.
+SECONDARY_CONFIGS: tuple[str, ...] = ("ple_ls_tuned", "ple_adatt", "ple_equal")
 
 
 # --------------------------------------------------------------------------- configurations
@@ -138,12 +146,19 @@ class StudyConfig:
     Attributes:
         name: key in the results table.
         label: short human-readable name for tables and figures.
-        kind: ``"baseline"``, ``"balancer"``, ``"adatt"``, ``"ablation"`` or ``"single_task"``.
+        kind: ``"baseline"``, ``"balancer"``, ``"adatt"``, ``"ablation"``, ``"control"`` or
+            ``"single_task"``.
         balancing: the trainer's loss balancer (``TrainerConfig.balancing``).
         adatt: ``None`` for no adaTT; otherwise overrides of the adaTT settings (a tuple of
             ``(keyword, value)`` pairs, applied over the size's schedule and the dataset's
             group prior; ``("task_groups", None)`` removes the prior).
         single_task: train one model per task instead of one multi-task model.
+        gate_freeze: freeze the CGC gates from the size's ``adatt_freeze_epoch`` on without
+            adaTT (``TrainerConfig.gate_freeze_epoch``): the co-freeze alone.
+        cofreeze: with adaTT, freeze the gates when adaTT freezes (the trainer's default);
+            ``False`` lets them train through phase 1 (``TrainerConfig.adatt_gate_cofreeze``).
+        tuned_weights: static task weights chosen on the validation split
+            (:mod:`mtlbook.experiments.static_weights`, :data:`LS_TRIALS` trials per cell).
     """
 
     name: str
@@ -152,15 +167,24 @@ class StudyConfig:
     balancing: str = "uncertainty"
     adatt: tuple[tuple[str, Any], ...] | None = None
     single_task: bool = False
+    gate_freeze: bool = False
+    cofreeze: bool = True
+    tuned_weights: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty str, got {self.name!r}")
-        kinds = ("baseline", "balancer", "adatt", "ablation", "single_task")
+        kinds = ("baseline", "balancer", "adatt", "ablation", "control", "single_task")
         if self.kind not in kinds:
             raise ValueError(f"kind must be one of {kinds}, got {self.kind!r}")
         if self.adatt is not None and self.single_task:
             raise ValueError("a single-task configuration cannot use adaTT (there is no peer task)")
+        if self.gate_freeze and self.adatt is not None:
+            raise ValueError("gate_freeze is for configurations without adaTT (adaTT co-freezes the gates itself)")
+        if not self.cofreeze and self.adatt is None:
+            raise ValueError("cofreeze=False needs adaTT (without adaTT there is no co-freeze to switch off)")
+        if self.tuned_weights and (self.balancing != "equal" or self.single_task or self.adatt is not None):
+            raise ValueError("tuned_weights needs balancing='equal', one multi-task model and no adaTT")
 
 
 #: The grid's configurations, in table order.
@@ -177,6 +201,12 @@ CONFIGS: tuple[StudyConfig, ...] = (
     StudyConfig("adatt_zero_logit", "adaTT, zero-logit blocking", "ablation", adatt=(("blocking", "zero_logit"),)),
     StudyConfig("adatt_T0.5", "adaTT, T = 0.5", "ablation", adatt=(("temperature", 0.5),)),
     StudyConfig("adatt_T2", "adaTT, T = 2", "ablation", adatt=(("temperature", 2.0),)),
+    # the controls that separate adaTT's parts (transfer, measurement, gate co-freeze)
+    StudyConfig("adatt_lambda0", "adaTT, λ = 0 (measure + co-freeze)", "control", adatt=(("transfer_lambda", 0.0),)),
+    StudyConfig("ple_uw_freeze", "PLE + UW, gates frozen", "control", gate_freeze=True),
+    StudyConfig("adatt_no_cofreeze", "adaTT, no gate co-freeze", "control", adatt=(), cofreeze=False),
+    StudyConfig("ple_adatt", "PLE + adaTT (equal weights)", "adatt", balancing="equal", adatt=()),
+    StudyConfig("ple_ls_tuned", "PLE, static weights tuned", "baseline", balancing="equal", tuned_weights=True),
     StudyConfig(SINGLE_TASK, "single-task models", "single_task", balancing="equal", single_task=True),
 )
 CONFIG_NAMES: tuple[str, ...] = tuple(c.name for c in CONFIGS)
@@ -353,8 +383,12 @@ class CellResult:
     note: str = ""
 
 
-def trainer_config(config: StudyConfig, seed: int, size: str | StudySize, task_groups: Mapping | None = None):
-    """The :class:`~mtlbook.train.TrainerConfig` of one cell (CPU, float32, no progress bars)."""
+def trainer_config(config: StudyConfig, seed: int, size: str | StudySize, task_groups: Mapping | None = None,
+                   task_weights: Mapping[str, float] | None = None):  # fmt: skip
+    """The :class:`~mtlbook.train.TrainerConfig` of one cell (CPU, float32, no progress bars).
+
+    ``task_weights`` are the fixed weights :math:`c_i` (only the tuned static-weight
+    configuration sets them)."""
     from mtlbook.train import TrainerConfig
 
     size = get_size(size)
@@ -376,6 +410,9 @@ def trainer_config(config: StudyConfig, seed: int, size: str | StudySize, task_g
         phase2_warmup_epochs=0,
         balancing=config.balancing,
         adatt=adatt,
+        adatt_gate_cofreeze=config.cofreeze,
+        gate_freeze_epoch=size.adatt_freeze_epoch if config.gate_freeze else None,
+        task_weights={} if task_weights is None else {t: float(w) for t, w in task_weights.items()},
         amp="off",
         device="cpu",
         patience=size.patience,
@@ -385,7 +422,11 @@ def trainer_config(config: StudyConfig, seed: int, size: str | StudySize, task_g
 
 
 def _train_and_score(config: StudyConfig, train: MultiTaskDataset, val: MultiTaskDataset, test: MultiTaskDataset,
-                     seed: int, size: StudySize, task_groups: Mapping | None) -> tuple[dict[str, float], float, int, str]:  # fmt: skip
+                     seed: int, size: StudySize, task_groups: Mapping | None,
+                     task_weights: Mapping[str, float] | None = None,
+                     val_scores: dict[str, float] | None = None) -> tuple[dict[str, float], float, int, str]:  # fmt: skip
+    """Train one model and score it on ``test`` (and, when ``val_scores`` is a dict, fill it
+    with the validation metrics of the trained model)."""
     from mtlbook.models import PLE
     from mtlbook.train import Trainer
 
@@ -393,13 +434,50 @@ def _train_and_score(config: StudyConfig, train: MultiTaskDataset, val: MultiTas
     model = PLE(train.n_features, train.task_specs, **dict(size.model))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = Trainer(model, trainer_config(config, seed, size, task_groups))
+        trainer = Trainer(model, trainer_config(config, seed, size, task_groups, task_weights))
         started = time.perf_counter()
         history = trainer.fit(train, val)
         seconds = time.perf_counter() - started
         scores = trainer.evaluate(test)
+        if val_scores is not None:
+            val_scores.update(trainer.evaluate(val))
     note = "; ".join(sorted({f"{w.category.__name__}: {w.message}" for w in caught}))
     return scores, seconds, len(history), note
+
+
+def _initial_losses(train: MultiTaskDataset, seed: int, size: StudySize) -> dict[str, float]:
+    """Per-task training loss :math:`L_i(0)` of the freshly initialised model of ``seed``."""
+    from mtlbook.models import PLE
+    from mtlbook.train import Trainer
+
+    torch.manual_seed(seed)
+    model = PLE(train.n_features, train.task_specs, **dict(size.model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = Trainer(model, trainer_config(get_config("ple_equal"), seed, size)).evaluate(train)
+    return {s.name: float(scores[f"{s.name}/loss"]) for s in train.task_specs}
+
+
+def _run_tuned_weights(config: StudyConfig, data: StudyData, seed: int, size: StudySize) -> CellResult:
+    """The tuned static-weight cell: :data:`LS_TRIALS` trainings, the best on validation is scored."""
+    from mtlbook.experiments.static_weights import select_trial, weight_trials
+
+    specs = data.train.task_specs
+    trials = weight_trials(_initial_losses(data.train, seed, size), LS_TRIALS, seed)
+    val_metrics, test_metrics, total, epochs, notes = [], [], 0.0, 0, []
+    for weights in trials:
+        val_scores: dict[str, float] = {}
+        scores, seconds, n_epochs, note = _train_and_score(config, data.train, data.val, data.test, seed, size,
+                                                           None, weights, val_scores)  # fmt: skip
+        metric = {s.name: METRIC_FOR_KIND[s.kind] for s in specs}
+        val_metrics.append({t: (m, float(val_scores[f"{t}/{m}"])) for t, m in metric.items()})
+        test_metrics.append([(t, m, float(scores[f"{t}/{m}"])) for t, m in metric.items()])
+        total, epochs = total + seconds, epochs + n_epochs
+        notes += [note] if note else []
+    best = select_trial(val_metrics, HIGHER_IS_BETTER)
+    chosen = ", ".join(f"{t}={w:.4g}" for t, w in trials[best].items())
+    notes.append(f"static weights: trial {best} of {len(trials)} chosen on validation ({chosen})")
+    return CellResult(test_metrics[best], total, epochs, "; ".join(notes))
 
 
 def run_cell(config: StudyConfig | str, dataset: str, seed: int, size: str | StudySize = "small") -> CellResult:
@@ -410,7 +488,9 @@ def run_cell(config: StudyConfig | str, dataset: str, seed: int, size: str | Stu
     ``wall_time`` is the sum over tasks. Every model of seed ``seed`` starts from
     ``torch.manual_seed(seed)`` and the trainer's loader is seeded with ``seed``, so a cell
     gives the same numbers every time it runs. Warnings raised during training are returned
-    in ``note`` instead of being printed.
+    in ``note`` instead of being printed. The tuned static-weight configuration trains
+    :data:`LS_TRIALS` models (one per weight trial), keeps the one with the best validation
+    score and counts all of them in ``wall_time``.
     """
     config = get_config(config) if isinstance(config, str) else config
     if not isinstance(config, StudyConfig):
@@ -432,6 +512,8 @@ def run_cell(config: StudyConfig | str, dataset: str, seed: int, size: str | Stu
                 total, epochs = total + seconds, epochs + n_epochs
                 notes += [note] if note else []
             return CellResult(metrics, total, epochs, "; ".join(notes))
+        if config.tuned_weights:
+            return _run_tuned_weights(config, data, seed, size)
         scores, seconds, epochs, note = _train_and_score(config, data.train, data.val, data.test, seed, size,
                                                          data.task_groups)  # fmt: skip
         metrics = [(s.name, METRIC_FOR_KIND[s.kind], float(scores[f"{s.name}/{METRIC_FOR_KIND[s.kind]}"]))
@@ -532,6 +614,15 @@ def _sort(table: pd.DataFrame, configs: Sequence[str]) -> pd.DataFrame:
 TrainFn = Callable[[StudyConfig, str, int, StudySize], CellResult]
 
 
+def _run_safely(train_fn: TrainFn, config: StudyConfig, dataset: str, seed: int,
+                size: StudySize) -> tuple[StudyConfig, str, int, CellResult | BaseException]:  # fmt: skip
+    """One cell, with its exception returned instead of raised (a failing cell must not end the grid)."""
+    try:
+        return config, dataset, seed, train_fn(config, dataset, seed, size)
+    except Exception as error:
+        return config, dataset, seed, error
+
+
 def run_grid(
     path: str | os.PathLike[str] | None,
     configs: Iterable[StudyConfig | str] = CONFIGS,
@@ -541,7 +632,7 @@ def run_grid(
     *,
     train_fn: TrainFn = run_cell,
     retry_failed: bool = True,
-    workers: int = 1,
+    n_jobs: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Run every (config, dataset, seed) cell not yet done and return the whole table.
@@ -556,7 +647,11 @@ def run_grid(
         train_fn: ``train_fn(config, dataset, seed, size) -> CellResult`` (default
             :func:`run_cell`; tests pass a fake). An exception is recorded as one
             ``"failed"`` row with its message and the grid goes on.
-        workers: processes running cells at once (1: in this process, in order).
+        n_jobs: cells run at once. 1: in this process, in order; more: ``joblib.Parallel``
+            with its default process backend (loky), results recorded as they arrive, so
+            the file is written after every cell either way. Every cell trains on one
+            thread and does not depend on the others, so the table is the same for any
+            ``n_jobs`` (only the ``wall_time`` column differs).
         log: called with one line per finished cell.
     """
     size = get_size(size)
@@ -570,8 +665,8 @@ def run_grid(
     seeds = list(size.seeds if seeds is None else seeds)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ValueError(f"seeds must be ints >= 0, got {seeds}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+        raise ValueError(f"n_jobs must be an int >= 1, got {n_jobs!r}")
     names = [c.name for c in configs]
 
     table = load_table(path) if path is not None and Path(path).exists() else _empty_table()
@@ -592,23 +687,15 @@ def run_grid(
                 f"{rows['wall_time'].iloc[0]:.1f} s")  # fmt: skip
             log(f"{config.name:>18s} {dataset:>15s} seed {seed:>2d}: {what}")
 
-    if workers == 1:
+    if n_jobs == 1:
         for config, dataset, seed in todo:
-            try:
-                result: CellResult | BaseException = train_fn(config, dataset, seed, size)
-            except Exception as error:  # one failing cell must not end the grid
-                result = error
-            record(config, dataset, seed, result)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(train_fn, c, d, s, size): (c, d, s) for c, d, s in todo}
-            for future in as_completed(futures):
-                config, dataset, seed = futures[future]
-                try:
-                    result = future.result()
-                except Exception as error:
-                    result = error
-                record(config, dataset, seed, result)
+            record(*_run_safely(train_fn, config, dataset, seed, size))
+    elif todo:
+        from joblib import Parallel, delayed
+
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+        for outcome in parallel(delayed(_run_safely)(train_fn, c, d, s, size) for c, d, s in todo):
+            record(*outcome)
     return _normalise(table)
 
 

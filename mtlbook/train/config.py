@@ -49,7 +49,8 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
 )
 #: Fields added after checkpoints already existed, with the value an older checkpoint implies.
 CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False,
-                                             "ddp_timeout_s": 1800.0}
+                                             "ddp_timeout_s": 1800.0, "adatt_gate_cofreeze": True,
+                                             "gate_freeze_epoch": None}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
@@ -175,6 +176,14 @@ class TrainerConfig:
     ``adatt``
         keyword arguments for :class:`~mtlbook.adatt.AdaptiveTaskTransfer` when the
         trainer should build one itself (``None``: no adaTT unless an instance is passed).
+    ``adatt_gate_cofreeze``
+        freeze the CGC gates when adaTT enters its frozen phase (the co-freeze contract,
+        default ``True``); ``False`` leaves the gates training through phase 1 (an
+        ablation: chapter 8's ``adatt_no_cofreeze``).
+    ``gate_freeze_epoch``
+        freeze the gates from this phase-1 epoch on (0-based, ``>= 1``), with or without
+        adaTT; ``None`` (default): only the co-freeze freezes them in phase 1. Set to adaTT's
+        ``freeze_epoch`` it reproduces the co-freeze without adaTT (chapter 8's ``ple_uw_freeze``).
 
     **Precision and device**
 
@@ -252,6 +261,8 @@ class TrainerConfig:
     balancing_kwargs: dict[str, Any] = field(default_factory=dict)
     gate_entropy_weight: float = 0.01
     adatt: dict[str, Any] | None = None
+    adatt_gate_cofreeze: bool = True
+    gate_freeze_epoch: int | None = None
     amp: str = "auto"
     device: str | None = None
     monitor: str = "loss"
@@ -352,6 +363,10 @@ class TrainerConfig:
             _check_int(self.seed, "seed", 0)
         if not isinstance(self.progress, bool):
             _fail("progress", "a bool", self.progress)
+        if not isinstance(self.adatt_gate_cofreeze, bool):
+            _fail("adatt_gate_cofreeze", "a bool", self.adatt_gate_cofreeze)
+        if self.gate_freeze_epoch is not None:
+            _check_int(self.gate_freeze_epoch, "gate_freeze_epoch", 1)
         if self.adatt_sync not in ADATT_SYNC_MODES:
             _fail("adatt_sync", f"one of {ADATT_SYNC_MODES}", self.adatt_sync)
         if not isinstance(self.ddp_find_unused_parameters, bool):

@@ -522,7 +522,8 @@ class Trainer:
             if self.scaler is not None and pending.get("scaler"):
                 self.scaler.load_state_dict(pending["scaler"])
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync_gate_cofreeze()
+        if self.config.adatt_gate_cofreeze:  # False: an ablation that leaves the gates training
+            self._sync_gate_cofreeze()
 
     def _sync_gate_cofreeze(self) -> None:
         """Freeze the gates once adaTT is in its frozen phase (the co-freeze contract)."""
@@ -821,7 +822,10 @@ class Trainer:
         self.balancer.on_epoch_end(self.epoch, mean_losses)
         if self.adatt is not None and self.phase == 1:
             self.adatt.on_epoch_end(self.epoch)
-            self._sync_gate_cofreeze()
+            if cfg.adatt_gate_cofreeze:
+                self._sync_gate_cofreeze()
+        if self.phase == 1 and cfg.gate_freeze_epoch is not None and self.epoch + 1 >= cfg.gate_freeze_epoch:
+            self.model.freeze_gates(True)  # the gate clock: frozen from phase-1 epoch gate_freeze_epoch on
 
         # early stopping on validation data only
         record["best"], record["stopped_early"], record["monitor_nan"] = False, False, False
