@@ -584,6 +584,24 @@ def gradient_cosine(model: nn.Module, batch: Batch, task_a: str, task_b: str) ->
     return float(cosine_matrix(grads)[0, 1])
 
 
+def _half_batch_cosines(model, batch, specs, shared, ia: int, ib: int, g_a: Tensor, g_b: Tensor) -> dict:
+    """Noise-baseline cosines of one step (see :func:`track_gradient_conflict`)."""
+    from mtlbook.diagnose.noise import split_batch
+
+    with torch.random.fork_rng(devices=[]):  # dropout in the extra passes must not shift training's RNG
+        halves = []
+        for half in split_batch(batch):
+            losses = task_losses(model(half.inputs), half, specs)
+            halves.append(task_gradients(torch.stack([losses[ia], losses[ib]]), shared))
+    (a_1, b_1), (a_2, b_2) = halves
+    e_a, e_b = a_1 - a_2, b_1 - b_2
+
+    def cos(u: Tensor, v: Tensor) -> float:
+        return float(cosine_matrix(torch.stack([u, v]))[0, 1])
+
+    return {"self_a": cos(a_1, a_2), "self_b": cos(b_1, b_2), "null_ab": cos(g_a, e_b), "null_ba": cos(e_a, g_b)}
+
+
 def track_gradient_conflict(
     model: nn.Module,
     train: MultiTaskDataset,
@@ -596,6 +614,7 @@ def track_gradient_conflict(
     weight_decay: float = 0.01,
     every: int = 1,
     seed: int = 0,
+    noise_baseline: bool = False,
 ) -> "pd.DataFrame":
     r"""Train ``model`` on the plain sum of task losses and record, every ``every`` steps, how
     the tasks' gradients on the shared experts relate.
@@ -611,6 +630,18 @@ def track_gradient_conflict(
       a plain gradient step on the summed loss would raise that task's loss to first order;
     * ``loss_a``, ``loss_b``: the two task losses on the batch.
 
+    With ``noise_baseline=True`` the batch is also cut into two disjoint halves
+    (:func:`mtlbook.diagnose.noise.split_batch`), each task's gradient is taken on both,
+    :math:`g^A, g^B`, and with the noise-only difference :math:`e = g^A - g^B` the step adds
+
+    * ``self_a``, ``self_b``: :math:`\cos(g_a^A, g_a^B)`, the same task on two halves;
+    * ``null_ab``, ``null_ba``: :math:`\cos(g_a, e_b)` and :math:`\cos(e_a, g_b)`, the pair's
+      cosine when one task carries only its noise (the null of
+      :func:`mtlbook.diagnose.noise.noise_thresholds`).
+
+    These extra passes run under a forked RNG and never touch ``.grad``, so training and the
+    other columns are exactly those of ``noise_baseline=False``.
+
     Returns a DataFrame with columns ``step``, ``epoch`` and the fields above.
     """
     import pandas as pd
@@ -623,6 +654,8 @@ def track_gradient_conflict(
     epochs = _check_int(epochs, "epochs", 1)
     every = _check_int(every, "every", 1)
     seed = _check_int(seed, "seed", 0)
+    if not isinstance(noise_baseline, bool):
+        raise TypeError(f"noise_baseline must be a bool, got {type(noise_baseline).__name__}")
     ia, ib = train.task_names.index(task_a), train.task_names.index(task_b)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=_check_positive(lr, "lr"), weight_decay=weight_decay)
@@ -644,6 +677,8 @@ def track_gradient_conflict(
                     "harms_a": bool(total @ g_a < 0), "harms_b": bool(total @ g_b < 0),
                     "loss_a": float(losses[ia].detach()), "loss_b": float(losses[ib].detach()),
                 })  # fmt: skip
+                if noise_baseline:
+                    rows[-1].update(_half_batch_cosines(model, batch, train.task_specs, shared, ia, ib, g_a, g_b))
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
