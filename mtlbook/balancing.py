@@ -18,8 +18,17 @@ Implementations:
 * :class:`DWA`: Dynamic Weight Average, weights from the ratio of the last two epoch losses.
 * :class:`GradNorm`: learned weights pushed so every task's gradient norm on the shared
   parameters matches a common target scaled by its relative training speed.
+* :class:`GradientCombiner`: the base of every method that replaces the shared parameters'
+  gradient by a combination of the per-task gradients (``rewrites_shared_gradients``).
 * :class:`PCGrad`: gradient surgery, projecting away the conflicting part of each task's
   gradient on the shared parameters.
+* :mod:`mtlbook.balancers_torchjd`: MGDA, CAGrad, Nash-MTL, Aligned-MTL and UPGrad, the
+  ``torchjd`` library's aggregators as :class:`GradientCombiner`\\ s.
+* :mod:`mtlbook.balancers_random`: random loss weighting (RLW).
+
+Every balancer has a name in :data:`BALANCERS`; :func:`register_balancer` adds one (also a
+class defined outside the package), and ``TrainerConfig(balancing=name)`` accepts any
+registered name.
 
 Only :class:`UncertaintyBalancer` owns ``nn.Parameter``\\ s; the state of the others lives in
 buffers (saved by ``state_dict``, moved by ``.to``, never seen by an optimizer), so putting
@@ -28,8 +37,11 @@ buffers (saved by ``state_dict``, moved by ``.to``, never seen by an optimizer),
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Callable, Sequence
+import re
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +53,12 @@ __all__ = [
     "DWA",
     "EqualWeighting",
     "GradNorm",
+    "GradientCombiner",
     "LossBalancer",
     "PCGrad",
     "UncertaintyBalancer",
     "build_balancer",
+    "register_balancer",
 ]
 
 ScaleFn = Callable[[Tensor], Tensor]
@@ -110,6 +124,10 @@ class LossBalancer(nn.Module):
     Args:
         n_tasks: number of tasks (``>= 1``); every per-task tensor is ``[n_tasks]``.
     """
+
+    #: True when :meth:`backward` overwrites the shared parameters' gradients with its own
+    #: combination (a distributed trainer must then average them itself).
+    rewrites_shared_gradients: ClassVar[bool] = False
 
     def __init__(self, n_tasks: int) -> None:
         super().__init__()
@@ -410,7 +428,92 @@ class GradNorm(LossBalancer):
         return f"n_tasks={self.n_tasks}, alpha={self.alpha}, lr={self.lr}, optimizer={self.optimizer!r}"
 
 
-class PCGrad(LossBalancer):
+class GradientCombiner(LossBalancer, ABC):
+    r"""Base of the methods that combine per-task gradients on the shared parameters.
+
+    With :math:`G = [g_1; \dots; g_n] \in \mathbb{R}^{n \times d}`, the task-major per-task
+    gradients :math:`g_i = \nabla_{\theta_s} \tilde L_i` of the weighted losses on the shared
+    parameters, a subclass defines one map :meth:`combine`: :math:`G \mapsto d \in
+    \mathbb{R}^d`. :meth:`backward` gives
+
+    .. math::
+        \nabla_{\theta_s} \leftarrow \operatorname{combine}(G) + \nabla_{\theta_s} R,
+        \qquad \nabla_{\theta_o} \leftarrow \nabla_{\theta_o} \mathcal L,
+
+    where :math:`R = \mathcal L - \sum_i \tilde L_i` is whatever the objective adds beyond the
+    task losses (a gate-entropy regulariser, adaTT's transfer terms; never combined) and
+    :math:`\theta_o` are all other parameters, which get the plain gradient of the objective.
+    Gradients already in ``.grad`` (gradient accumulation) are kept and added to.
+
+    ``combine(G) = G.sum(0)`` would be the plain backward. Under a loss scaler the per-task
+    gradients are scaled by :math:`s`; a combiner whose map is positively homogeneous
+    (:math:`\operatorname{combine}(sG) = s \operatorname{combine}(G)`, e.g. PCGrad, MGDA)
+    receives them as they are; one that is not (``scale_equivariant = False``) receives
+    :math:`G / s` and its output is multiplied by :math:`s`.
+    """
+
+    rewrites_shared_gradients: ClassVar[bool] = True
+    #: ``combine(s * G) == s * combine(G)`` for every ``s > 0``.
+    scale_equivariant: ClassVar[bool] = True
+
+    @abstractmethod
+    def combine(self, grads: Tensor) -> Tensor:
+        """Map task-major per-task shared gradients ``[n_tasks, d]`` to one vector ``[d]``."""
+
+    def _combine_checked(self, grads: Tensor, scale: ScaleFn | None, device: torch.device) -> Tensor:
+        factor = None
+        if scale is not None and not self.scale_equivariant:
+            factor = scale(torch.ones((), device=device)).to(grads)
+            grads = grads / factor
+        combined = self.combine(grads)
+        if not isinstance(combined, Tensor) or combined.shape != grads.shape[1:]:
+            raise RuntimeError(
+                f"{type(self).__name__}.combine must return a tensor of shape [{grads.shape[1]}], "
+                f"got {getattr(combined, 'shape', type(combined).__name__)}"
+            )
+        return combined if factor is None else combined * factor
+
+    def backward(
+        self,
+        objective: Tensor,
+        weighted_losses: Tensor,
+        shared_parameters: Sequence[Tensor],
+        scale: ScaleFn | None = None,
+    ) -> None:
+        if scale is not None and not callable(scale):
+            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
+        if not isinstance(weighted_losses, Tensor) or weighted_losses.shape != (self.n_tasks,):
+            raise ValueError(f"weighted_losses must be a tensor of shape [{self.n_tasks}]")
+        params = _trainable(shared_parameters)
+        obj = scale(objective) if scale is not None else objective
+        if not params:
+            obj.backward()
+            return
+        losses = scale(weighted_losses) if scale is not None else weighted_losses
+        active = torch.ones(self.n_tasks, dtype=torch.bool)
+        task_grads = _per_task_gradients(losses, params, active)
+        combined = self._combine_checked(task_grads, scale, objective.device)
+
+        # Whatever the objective adds beyond the task losses; differentiating the
+        # difference cancels the task terms exactly at the weighted_losses node.
+        residual = obj - losses.sum()
+        extra = [None] * len(params)
+        if residual.requires_grad:
+            extra = list(torch.autograd.grad(residual, params, retain_graph=True, allow_unused=True))
+
+        # Set accumulated gradients aside (gradient accumulation must survive), let the plain
+        # backward serve the non-shared parameters, then overwrite the shared ones.
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        obj.backward()
+        for p, old, surgery, other in zip(params, previous, _unflatten_into(combined, params), extra):
+            # clone: the slices of one flat vector must not share storage as .grad
+            new = surgery.clone() if other is None else surgery + other
+            p.grad = new if old is None else old + new
+
+
+class PCGrad(GradientCombiner):
     r"""Projecting conflicting gradients (gradient surgery) :cite:`yu2020gradient`.
 
     Let :math:`g_i = \nabla_{\theta_s} L_i` on the shared parameters. For each task
@@ -461,44 +564,9 @@ class PCGrad(LossBalancer):
                     projected[i] = projected[i] - (dot / squared_norms[j]) * grads[j]
         return projected
 
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
-        if not isinstance(weighted_losses, Tensor) or weighted_losses.shape != (self.n_tasks,):
-            raise ValueError(f"weighted_losses must be a tensor of shape [{self.n_tasks}]")
-        params = _trainable(shared_parameters)
-        obj = scale(objective) if scale is not None else objective
-        if not params:
-            obj.backward()
-            return
-        losses = scale(weighted_losses) if scale is not None else weighted_losses
-        active = torch.ones(self.n_tasks, dtype=torch.bool)
-        task_grads = _per_task_gradients(losses, params, active)
-        projected_sum = self.project(task_grads).sum(dim=0)
-
-        # Whatever the objective adds beyond the task losses; differentiating the
-        # difference cancels the task terms exactly at the weighted_losses node.
-        residual = obj - losses.sum()
-        extra = [None] * len(params)
-        if residual.requires_grad:
-            extra = list(torch.autograd.grad(residual, params, retain_graph=True, allow_unused=True))
-
-        # Set accumulated gradients aside (gradient accumulation must survive), let the plain
-        # backward serve the non-shared parameters, then overwrite the shared ones.
-        previous = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        obj.backward()
-        for p, old, surgery, other in zip(params, previous, _unflatten_into(projected_sum, params), extra):
-            # clone: the slices of one flat vector must not share storage as .grad
-            new = surgery.clone() if other is None else surgery + other
-            p.grad = new if old is None else old + new
+    def combine(self, grads: Tensor) -> Tensor:
+        """:math:`\\sum_i g_i^{PC}`: the sum of the projected task gradients ``[d]``."""
+        return self.project(grads).sum(dim=0)
 
     def weights(self) -> Tensor:
         return torch.ones(self.n_tasks)
@@ -523,9 +591,42 @@ BALANCERS: dict[str, type[LossBalancer]] = {
 }
 
 
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def register_balancer(name: str, cls: type[LossBalancer], *, replace: bool = False) -> type[LossBalancer]:
+    """Add ``cls`` to :data:`BALANCERS` under ``name``, so ``build_balancer(name, ...)`` and
+    ``TrainerConfig(balancing=name)`` find it. Returns ``cls`` (usable as a decorator body).
+
+    Args:
+        name: lower-case identifier (``[a-z][a-z0-9_]*``), e.g. ``"my_method"``.
+        cls: a concrete subclass of :class:`LossBalancer` whose constructor takes
+            ``n_tasks`` first.
+        replace: allow replacing a name that is already registered to another class.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"name must be a lower-case identifier matching [a-z][a-z0-9_]*, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, LossBalancer)):
+        raise TypeError(f"cls must be a subclass of LossBalancer, got {cls!r}")
+    if inspect.isabstract(cls):
+        raise TypeError(f"cls must be a concrete class; {cls.__name__} leaves abstract methods undefined")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be a bool, got {type(replace).__name__}")
+    if name in BALANCERS and BALANCERS[name] is not cls and not replace:
+        raise ValueError(
+            f"name {name!r} is already registered to {BALANCERS[name].__name__}; pass replace=True to replace it"
+        )
+    BALANCERS[name] = cls
+    return cls
+
+
 def build_balancer(name: str, n_tasks: int, **kwargs: Any) -> LossBalancer:
-    """Build a balancer by name: ``"equal"``, ``"uncertainty"``, ``"gradnorm"``, ``"dwa"``,
-    ``"pcgrad"``; ``kwargs`` go to its constructor (e.g. ``temperature`` for DWA)."""
+    """Build a balancer by its name in :data:`BALANCERS` (``"equal"``, ``"uncertainty"``,
+    ``"gradnorm"``, ``"dwa"``, ``"pcgrad"``, ``"rlw"``, ``"mgda"``, ``"cagrad"``,
+    ``"nash_mtl"``, ``"aligned_mtl"``, ``"upgrad"``, and any added by
+    :func:`register_balancer`); ``kwargs`` go to its constructor (e.g. ``temperature`` for
+    DWA)."""
     if name not in BALANCERS:
         raise ValueError(f"name must be one of {list(BALANCERS)}, got {name!r}")
     return BALANCERS[name](n_tasks, **kwargs)
+

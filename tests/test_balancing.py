@@ -55,7 +55,7 @@ def test_build_balancer_names() -> None:
         assert balancer.weights().shape == (3,)
     assert build_balancer("dwa", 2, temperature=5.0).temperature == 5.0
     with pytest.raises(ValueError, match="gradnorm"):
-        build_balancer("mgda", 2)
+        build_balancer("magic", 2)
     with pytest.raises(ValueError, match="n_tasks"):
         build_balancer("equal", 0)
 

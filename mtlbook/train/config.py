@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, KeysView, Mapping
 
 import torch
 
+from mtlbook.balancing import BALANCERS
 from mtlbook.losses import LOSSES
 
 __all__ = [
@@ -31,8 +32,9 @@ __all__ = [
     "TrainerConfig",
 ]
 
-#: Loss balancers the trainer can build (see :func:`mtlbook.balancing.build_balancer`).
-BALANCER_NAMES: tuple[str, ...] = ("equal", "uncertainty", "gradnorm", "dwa", "pcgrad")
+#: Loss balancers the trainer can build: a live view of the names in
+#: :data:`mtlbook.balancing.BALANCERS` (see :func:`mtlbook.balancing.register_balancer`).
+BALANCER_NAMES: KeysView[str] = BALANCERS.keys()
 #: ``"auto"`` = fp16 with a GradScaler on CUDA, full float32 on CPU.
 AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
 #: ``"auto"`` = ``"max"`` for AUC and accuracy monitors, ``"min"`` for losses and RMSE.
@@ -163,7 +165,7 @@ class TrainerConfig:
     ``task_weights``
         ``{task: fixed weight c_i}`` (default 1).
     ``balancing``
-        loss balancer name, one of :data:`BALANCER_NAMES`.
+        loss balancer name, any name registered in :data:`mtlbook.balancing.BALANCERS`.
     ``balancing_kwargs``
         extra keyword arguments for the balancer.
     ``gate_entropy_weight``
@@ -320,8 +322,8 @@ class TrainerConfig:
         _check_task_dict(self.task_weights, "task_weights")
         for task, w in self.task_weights.items():
             _check_non_negative(w, f"task_weights[{task!r}]")
-        if self.balancing not in BALANCER_NAMES:
-            _fail("balancing", f"one of {BALANCER_NAMES}", self.balancing)
+        if not isinstance(self.balancing, str) or self.balancing not in BALANCERS:
+            _fail("balancing", f"a registered balancer name, one of {sorted(BALANCERS)}", self.balancing)
         if not isinstance(self.balancing_kwargs, Mapping) or not all(isinstance(k, str) for k in self.balancing_kwargs):
             _fail("balancing_kwargs", "a dict of keyword arguments", self.balancing_kwargs)
         if not _is_number(self.gate_entropy_weight):

@@ -87,7 +87,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from mtlbook.balancing import PCGrad, build_balancer
+from mtlbook.balancing import build_balancer
 from mtlbook.data.batch import Batch, MultiTaskDataset, make_loader
 from mtlbook.losses import LOSS_TASK_KINDS, present_tasks, task_losses
 from mtlbook.train.checkpoint import (
@@ -641,8 +641,8 @@ class Trainer:
             params += [p for p in self.adatt.parameters() if p.requires_grad]
         if self._ddp is None or self._grads_unsynced:
             params += [p for p in self.model.parameters() if p.requires_grad]
-        elif isinstance(self.balancer, PCGrad):
-            # PCGrad overwrites the shared gradients after DDP's backward with local surgery
+        elif self.balancer.rewrites_shared_gradients:
+            # e.g. PCGrad overwrites the shared gradients after DDP's backward with local surgery
             params += [p for p in self.model.shared_parameters() if p.requires_grad]
         average_gradients(params, self.distributed)
         self._grads_unsynced = False
