@@ -630,3 +630,8 @@ def build_balancer(name: str, n_tasks: int, **kwargs: Any) -> LossBalancer:
         raise ValueError(f"name must be one of {list(BALANCERS)}, got {name!r}")
     return BALANCERS[name](n_tasks, **kwargs)
 
+
+# The balancers defined in their own modules register themselves on import; importing them
+# here makes every name available as soon as mtlbook.balancing is imported.
+from mtlbook import balancers_random as _balancers_random  # noqa: E402,F401
+from mtlbook import balancers_torchjd as _balancers_torchjd  # noqa: E402,F401

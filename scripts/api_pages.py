@@ -36,6 +36,8 @@ GROUP_ORDER = [
     "mtlbook.adatt",
     "mtlbook.losses",
     "mtlbook.balancing",
+    "mtlbook.balancers_random",
+    "mtlbook.balancers_torchjd",
     "mtlbook.train",
     "mtlbook.experiments",
     "mtlbook.viz",

@@ -48,7 +48,9 @@ def _data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]
 
 
 def test_build_balancer_names() -> None:
-    assert set(BALANCERS) == {"equal", "uncertainty", "gradnorm", "dwa", "pcgrad"}
+    assert set(BALANCERS) == {"equal", "uncertainty", "gradnorm", "dwa", "pcgrad", "rlw"} | {
+        "mgda", "cagrad", "nash_mtl", "aligned_mtl", "upgrad"
+    }
     for name, cls in BALANCERS.items():
         balancer = build_balancer(name, 3)
         assert isinstance(balancer, cls) and isinstance(balancer, LossBalancer)

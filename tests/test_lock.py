@@ -94,6 +94,19 @@ def test_package_ranges_hold_at_the_locked_versions(locked):
         assert dep.specifier.contains(version, prereleases=True), f"lock has {dep.name}=={version}, pyproject wants {dep}"
 
 
+def test_optional_dependency_ranges_hold_at_the_locked_versions(locked):
+    """The extras (book, methods, cluster) admit the lock too; mtlbook[...] refers to itself."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"book", "methods", "cluster"} <= set(extras)
+    for name, deps in extras.items():
+        for dep in map(Requirement, deps):
+            if canonicalize_name(dep.name) == "mtlbook":
+                assert dep.extras <= set(extras), f"{name}: {dep} names an unknown extra"
+                continue
+            version = locked[canonicalize_name(dep.name)][0]
+            assert dep.specifier.contains(version, prereleases=True), f"{name}: lock has {dep.name}=={version}, pyproject wants {dep}"
+
+
 def test_torch_is_the_2_13_0_cpu_wheel_and_nothing_from_cuda(locked):
     version, hashes = locked["torch"]
     assert Version(version).public == "2.13.0"
