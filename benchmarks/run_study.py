@@ -18,13 +18,28 @@ can be stopped and started again: finished cells are read back from the file and
 failed cells are tried again (``--keep-failed`` leaves them alone). Every cell trains on one
 CPU thread; ``--n-jobs`` runs that many cells at once in separate processes (joblib's
 default process backend). ``--configs primary`` / ``secondary`` name the groups
-``PRIMARY_CONFIGS`` / ``SECONDARY_CONFIGS``. A Dask backend (several machines) is not wired
-in: it would add a dependency, and one machine runs the small study.
+``PRIMARY_CONFIGS`` / ``SECONDARY_CONFIGS``.
+
+**More than one machine: Dask.** ``--backend dask`` sends the cells to a Dask cluster through
+joblib's Dask backend (``run_grid(..., backend="dask")``); the table is still written by this
+process after every cell, so stopping and resuming work the same way. Start a scheduler and
+workers (one thread each: every cell trains on one thread) on the machines, each with this
+repository, the locked environment and ``MTLBOOK_DATA``, then point the runner at the
+scheduler::
+
+    .venv/bin/dask scheduler                                   # on one machine: prints tcp://HOST:8786
+    .venv/bin/dask worker tcp://HOST:8786 --nthreads 1 --nworkers 8   # on every machine
+    MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/run_study.py --size full \
+        --backend dask --scheduler tcp://HOST:8786
+
+Without ``--scheduler``, ``--backend dask`` starts a local cluster of ``--n-jobs`` worker
+processes (one thread each) on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -49,24 +64,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the size's)")
     parser.add_argument("--n-jobs", "--workers", dest="n_jobs", type=int, default=1,
                         help="cells run at once (processes via joblib; default 1)")
+    parser.add_argument("--backend", choices=("loky", "dask"), default="loky",
+                        help="joblib backend: loky (local processes, default) or dask (a Dask cluster)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="with --backend dask: the scheduler's address, e.g. tcp://host:8786 "
+                             "(default: a local cluster of --n-jobs worker processes)")
     parser.add_argument("--keep-failed", action="store_true", help="do not retry cells that failed before")
     parser.add_argument("--quiet", action="store_true", help="no line per cell")
     args = parser.parse_args(argv)
+    if args.scheduler is not None and args.backend != "dask":
+        parser.error("--scheduler needs --backend dask")
 
     out = args.out or ROOT / "book" / "data" / f"study_{args.size}.csv"
     seeds = None if args.seeds is None else list(range(args.seeds))
     configs = list(dict.fromkeys(name for item in args.configs for name in GROUPS.get(item, (item,))))
     started = time.perf_counter()
-    table = run_grid(
-        out,
-        configs=configs,
-        datasets=args.datasets,
-        seeds=seeds,
-        size=args.size,
-        retry_failed=not args.keep_failed,
-        n_jobs=args.n_jobs,
-        log=None if args.quiet else (lambda line: print(line, flush=True)),
-    )
+    with contextlib.ExitStack() as stack:
+        if args.backend == "dask":
+            from dask.distributed import Client, LocalCluster
+
+            if args.scheduler is None:
+                cluster = stack.enter_context(
+                    LocalCluster(n_workers=args.n_jobs, threads_per_worker=1, processes=True, dashboard_address=None)
+                )
+                stack.enter_context(Client(cluster))
+            else:
+                stack.enter_context(Client(args.scheduler))
+        table = run_grid(
+            out,
+            configs=configs,
+            datasets=args.datasets,
+            seeds=seeds,
+            size=args.size,
+            retry_failed=not args.keep_failed,
+            n_jobs=args.n_jobs,
+            log=None if args.quiet else (lambda line: print(line, flush=True)),
+            backend=args.backend,
+        )
     elapsed = time.perf_counter() - started
     cells = table.drop_duplicates(["config", "dataset", "seed"])
     failed = int((cells["status"] == "failed").sum())

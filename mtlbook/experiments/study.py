@@ -634,6 +634,7 @@ def run_grid(
     retry_failed: bool = True,
     n_jobs: int = 1,
     log: Callable[[str], None] | None = None,
+    backend: str = "loky",
 ) -> pd.DataFrame:
     """Run every (config, dataset, seed) cell not yet done and return the whole table.
 
@@ -653,6 +654,12 @@ def run_grid(
             thread and does not depend on the others, so the table is the same for any
             ``n_jobs`` (only the ``wall_time`` column differs).
         log: called with one line per finished cell.
+        backend: the joblib backend of the parallel run (``joblib.parallel_config(backend=...)``):
+            ``"loky"`` (local processes, the default), or ``"dask"`` to send the cells to the
+            workers of the ``dask.distributed.Client`` created beforehand (a cluster of one or
+            many machines). With ``"dask"`` the cells always go through joblib, and joblib's
+            Dask backend spreads them over every worker of the cluster whatever ``n_jobs``
+            says. Any other registered joblib backend name works too.
     """
     size = get_size(size)
     configs = [get_config(c) if isinstance(c, str) else c for c in configs]
@@ -667,6 +674,8 @@ def run_grid(
         raise ValueError(f"seeds must be ints >= 0, got {seeds}")
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
         raise ValueError(f"n_jobs must be an int >= 1, got {n_jobs!r}")
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend must be a joblib backend name such as 'loky' or 'dask', got {backend!r}")
     names = [c.name for c in configs]
 
     table = load_table(path) if path is not None and Path(path).exists() else _empty_table()
@@ -687,15 +696,16 @@ def run_grid(
                 f"{rows['wall_time'].iloc[0]:.1f} s")  # fmt: skip
             log(f"{config.name:>18s} {dataset:>15s} seed {seed:>2d}: {what}")
 
-    if n_jobs == 1:
+    if n_jobs == 1 and backend == "loky":
         for config, dataset, seed in todo:
             record(*_run_safely(train_fn, config, dataset, seed, size))
     elif todo:
-        from joblib import Parallel, delayed
+        from joblib import Parallel, delayed, parallel_config
 
-        parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-        for outcome in parallel(delayed(_run_safely)(train_fn, c, d, s, size) for c, d, s in todo):
-            record(*outcome)
+        with parallel_config(backend=backend):
+            parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+            for outcome in parallel(delayed(_run_safely)(train_fn, c, d, s, size) for c, d, s in todo):
+                record(*outcome)
     return _normalise(table)
 
 
