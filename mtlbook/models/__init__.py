@@ -17,6 +17,9 @@ and differs only in which experts :math:`E_i` task :math:`k`'s gate may use:
 * :class:`PLE`: CGC levels stacked, with a shared gate feeding the next level;
 * :class:`BlockAttentionCGC`: CGC over experts of different widths, concatenated.
 
+``experts="bank"`` (opt-in) computes experts, gates and towers of one shape as one batched
+matmul with the same parameters (:mod:`mtlbook.models.banks`).
+
 The common interface (``shared_parameters()``, ``shared_experts``, ``gate_weights``,
 ``freeze_gates`` ...) is documented in :mod:`mtlbook.models.base`.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from mtlbook.data.batch import TaskSpec
+from mtlbook.models.banks import EXPERT_MODES, ExpertBank, GateBank, TowerBank, from_bank, to_bank
 from mtlbook.models.base import MultiTaskModel
 from mtlbook.models.cgc import CGC, PLE, BlockAttentionCGC, ExtractionLevel
 from mtlbook.models.experts import Expert
@@ -56,7 +60,11 @@ def build_model(kind: str, n_features: int, task_specs: Sequence[TaskSpec], **kw
 __all__ = [
     "BlockAttentionCGC",
     "CGC",
+    "EXPERT_MODES",
     "Expert",
+    "ExpertBank",
+    "GateBank",
+    "TowerBank",
     "ExtractionLevel",
     "MMoE",
     "MODELS",
@@ -68,6 +76,8 @@ __all__ = [
     "block_scales",
     "build_model",
     "concat_blocks",
+    "from_bank",
     "mix_experts",
     "normalized_entropy",
+    "to_bank",
 ]

@@ -22,6 +22,11 @@ What the rest of the package relies on (adaTT, the trainer, the plots):
 * ``last_shared_layers()``: the final ``nn.Linear`` of each last-level shared expert.
 * ``freeze_gates(flag)``: a registered bool buffer ``gates_frozen`` plus
   ``requires_grad`` on the gate parameters; loading a ``state_dict`` re-applies the flag.
+* ``experts_mode``: ``"modules"`` (default: every expert, gate and tower is called as its own
+  module) or ``"bank"`` (modules of one shape computed as one batched matmul, see
+  :mod:`mtlbook.models.banks`). Same parameters, same ``state_dict``; outputs equal up to
+  float rounding. Set it with the constructor's ``experts=`` argument or
+  :func:`~mtlbook.models.banks.to_bank`.
 
 **Gate entropy.** With :math:`\tilde H_G` the batch-mean normalised entropy of gate
 :math:`G` (see :mod:`mtlbook.models.gates`) and :math:`\mathcal G` the gates with at least
@@ -51,6 +56,7 @@ from torch import Tensor, nn
 
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models._validation import check_bool, check_finite_float, check_int, check_specs
+from mtlbook.models.banks import check_expert_mode, towers_forward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, normalized_entropy
 from mtlbook.models.towers import TaskTower
@@ -94,6 +100,8 @@ class MultiTaskModel(nn.Module):
             float; 0 disables).
         check_finite: reject inputs with NaN/inf (one reduction over ``x`` per forward; set
             False to skip it, e.g. on GPU where it forces a host sync).
+        experts: forward path, ``"modules"`` (default) or ``"bank"`` (opt-in batched
+            matmuls over modules of one shape; see :mod:`mtlbook.models.banks`).
     """
 
     gates_frozen: Tensor
@@ -105,8 +113,10 @@ class MultiTaskModel(nn.Module):
         *,
         gate_entropy_weight: float = 0.0,
         check_finite: bool = True,
+        experts: str = "modules",
     ) -> None:
         super().__init__()
+        self.experts_mode = check_expert_mode(experts)
         self.n_features = check_int(n_features, "n_features", 1)
         self.task_specs = check_specs(task_specs)
         self.task_names = tuple(s.name for s in self.task_specs)
@@ -144,12 +154,23 @@ class MultiTaskModel(nn.Module):
         """``x [batch, n_features] -> {task: raw output}`` (``[batch]`` or ``[batch, o_k]``)."""
         x = self.validate_input(x)
         record = _LastForward()
+        if self.experts_mode == "bank":
+            features = self._task_features_bank(x, record)
+            self._last = record
+            return dict(zip(self.task_names, towers_forward(list(self.towers), features, self.training)))
         features = self._task_features(x, record)
         self._last = record
         return {name: tower(f) for name, tower, f in zip(self.task_names, self.towers, features)}
 
     def _task_features(self, x: Tensor, record: _LastForward) -> list[Tensor]:
         raise NotImplementedError
+
+    def _task_features_bank(self, x: Tensor, record: _LastForward) -> list[Tensor] | Tensor:
+        """Bank form of :meth:`_task_features`: a list ``[batch, d_k]`` or one ``[K, batch, d]``.
+
+        The default falls back to the module form (the towers are still banked).
+        """
+        return self._task_features(x, record)
 
     # ----------------------------------------------------------------- parameter groups
     @property

@@ -55,6 +55,7 @@ from mtlbook.models._validation import (
     check_task_expert_counts,
     check_widths,
 )
+from mtlbook.models.banks import GateBank, experts_forward, group_by
 from mtlbook.models.base import MultiTaskModel, _LastForward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, block_scales, concat_blocks, mix_experts
@@ -154,6 +155,73 @@ class ExtractionLevel(nn.Module):
             shared_feature = self._combine(w, every_expert, self.shared_scales)
         return shared_feature, task_features, shared_outputs, weights
 
+    def forward_bank(
+        self, shared_input: Tensor | None, task_inputs: Sequence[Tensor] | Tensor, training: bool
+    ) -> tuple[Tensor | None, list[Tensor] | Tensor, list[Tensor], dict[str, Tensor]]:
+        """:meth:`forward` with experts, task gates and mixtures batched (see :mod:`mtlbook.models.banks`).
+
+        ``task_inputs`` may be one ``[K, batch, d]`` tensor; the task features come back as one
+        ``[K, batch, d]`` tensor when every task gate has the same shape (``"mixture"``), else
+        as a list. The shared outputs are the exact tensors the mixtures read.
+        """
+        n_tasks = len(self.task_gates)
+        owners = [k for k, experts in enumerate(self.task_experts) for _ in experts]
+        flat_task_experts = [e for experts in self.task_experts for e in experts]
+        stacked_inputs = task_inputs if isinstance(task_inputs, Tensor) else None
+        task_list = list(task_inputs.unbind(0)) if stacked_inputs is not None else list(task_inputs)
+
+        shared_outputs = experts_forward(list(self.shared_experts), [shared_input] * len(self.shared_experts), training)
+        single_shape = len(group_by(flat_task_experts, lambda e: (e.in_dim, e.hidden, e.out_dim))) == 1
+        if flat_task_experts and stacked_inputs is not None and single_shape:
+            # one [n, batch, d] input, no unbind/restack
+            index = torch.as_tensor(owners, device=stacked_inputs.device)
+            x = stacked_inputs if owners == list(range(n_tasks)) else stacked_inputs.index_select(0, index)
+            flat_outputs = experts_forward(flat_task_experts, [x] * len(owners), training, stacked=True)
+        else:
+            flat_outputs = experts_forward(flat_task_experts, [task_list[k] for k in owners], training)
+        task_outputs: list[list[Tensor]] = [[] for _ in range(n_tasks)]
+        for k, out in zip(owners, flat_outputs):
+            task_outputs[k].append(out)
+
+        weights: dict[str, Tensor] = {}
+        every_expert = shared_outputs + flat_outputs
+        gate_groups = group_by(list(self.task_gates), lambda g: (g.in_dim, g.n_experts))
+        task_features: list[Tensor] | Tensor
+        if self.combine == "mixture" and len(gate_groups) == 1:
+            stacked = torch.stack(every_expert)  # [n_e, batch, d]
+            if stacked_inputs is not None:
+                u = stacked_inputs
+            elif all(t is task_list[0] for t in task_list):
+                u = task_list[0]  # broadcast to every gate
+            else:
+                u = torch.stack(task_list)
+            gate_w = GateBank(list(self.task_gates))(u)  # [K, batch, m]
+            n_s = len(shared_outputs)
+            picks, offset = [], n_s
+            for k in range(n_tasks):
+                n_k = len(task_outputs[k])
+                picks.append(list(range(n_s)) + list(range(offset, offset + n_k)))
+                offset += n_k
+            index = torch.as_tensor(picks, device=stacked.device)  # [K, m]
+            task_features = torch.einsum("kbm,kmbd->kbd", gate_w.to(stacked.dtype), stacked[index])
+            for k in range(n_tasks):
+                weights[str(k)] = gate_w[k]
+        else:
+            task_features = []
+            for k, (gate, u) in enumerate(zip(self.task_gates, task_list)):
+                w = gate(u)
+                weights[str(k)] = w
+                task_features.append(self._combine(w, shared_outputs + task_outputs[k], self.task_scales[k]))
+        shared_feature = None
+        if self.shared_gate is not None:
+            w = self.shared_gate(shared_input)
+            weights["shared"] = w
+            if self.combine == "mixture":
+                shared_feature = torch.einsum("bm,mbd->bd", w.to(every_expert[0].dtype), torch.stack(every_expert))
+            else:
+                shared_feature = self._combine(w, every_expert, self.shared_scales)
+        return shared_feature, task_features, shared_outputs, weights
+
 
 class PLE(MultiTaskModel):
     """Progressive layered extraction: ``n_levels`` CGC levels under per-task towers.
@@ -182,6 +250,9 @@ class PLE(MultiTaskModel):
             With ``"mixture"`` they must all equal ``expert_dim`` (the experts' last layer is
             the projection to the common width); ``"block"`` allows any widths.
         check_finite: reject NaN/inf inputs.
+        experts: ``"modules"`` (default) or ``"bank"``: experts, gates and towers of one shape
+            computed as one batched matmul (:mod:`mtlbook.models.banks`); same parameters
+            and ``state_dict``.
     """
 
     def __init__(
@@ -201,8 +272,11 @@ class PLE(MultiTaskModel):
         shared_expert_hidden: Sequence[int] | Sequence[Sequence[int]] | None = None,
         shared_expert_dims: Sequence[int] | None = None,
         check_finite: bool = True,
+        experts: str = "modules",
     ) -> None:
-        super().__init__(n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite)
+        super().__init__(
+            n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite, experts=experts
+        )
         if "shared" in self.task_names:
             raise ValueError('task_specs: the task name "shared" is reserved for the shared gate; rename the task')
         self.n_levels = check_int(n_levels, "n_levels", 1)
@@ -271,6 +345,19 @@ class PLE(MultiTaskModel):
         task_inputs = [x] * len(self.task_names)
         for level, layer in enumerate(self.levels):
             shared_input, task_inputs, shared_outputs, weights = layer(shared_input, task_inputs)
+            for key, w in weights.items():
+                name = "shared" if key == "shared" else self.task_names[int(key)]
+                record.gate_weights[f"level{level}/{name}"] = w
+            record.shared_outputs = shared_outputs
+        return task_inputs
+
+    def _task_features_bank(self, x: Tensor, record: _LastForward) -> list[Tensor] | Tensor:
+        shared_input: Tensor | None = x
+        task_inputs: list[Tensor] | Tensor = [x] * len(self.task_names)
+        for level, layer in enumerate(self.levels):
+            shared_input, task_inputs, shared_outputs, weights = layer.forward_bank(
+                shared_input, task_inputs, self.training
+            )
             for key, w in weights.items():
                 name = "shared" if key == "shared" else self.task_names[int(key)]
                 record.gate_weights[f"level{level}/{name}"] = w

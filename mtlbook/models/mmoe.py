@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models._validation import check_dropout, check_int, check_per_expert_widths, check_widths
+from mtlbook.models.banks import GateBank, experts_forward
 from mtlbook.models.base import MultiTaskModel, _LastForward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, mix_experts
@@ -43,6 +44,8 @@ class MMoE(MultiTaskModel):
         gate_entropy_weight: weight of the gate-entropy regulariser (see
             :mod:`mtlbook.models.base`).
         check_finite: reject NaN/inf inputs.
+        experts: ``"modules"`` (default) or ``"bank"`` (batched experts, gates and towers;
+            see :mod:`mtlbook.models.banks`).
     """
 
     def __init__(
@@ -57,8 +60,11 @@ class MMoE(MultiTaskModel):
         dropout: float = 0.0,
         gate_entropy_weight: float = 0.0,
         check_finite: bool = True,
+        experts: str = "modules",
     ) -> None:
-        super().__init__(n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite)
+        super().__init__(
+            n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite, experts=experts
+        )
         n_experts = check_int(n_experts, "n_experts", 1)
         expert_dim = check_int(expert_dim, "expert_dim", 1)
         dropout = check_dropout(dropout)
@@ -86,3 +92,13 @@ class MMoE(MultiTaskModel):
             record.gate_weights[f"level0/{name}"] = weights
             features.append(mix_experts(weights, stacked))
         return features
+
+    def _task_features_bank(self, x: Tensor, record: _LastForward) -> Tensor:
+        # f = einsum over the experts: [K, batch, n] gate weights x [n, batch, d] outputs
+        outputs = experts_forward(list(self.experts), [x] * len(self.experts), self.training)
+        record.shared_outputs = outputs
+        stacked = torch.stack(outputs)  # [n_experts, batch, expert_dim]
+        weights = GateBank(list(self.gates))(x)  # [K, batch, n_experts]
+        for k, name in enumerate(self.task_names):
+            record.gate_weights[f"level0/{name}"] = weights[k]
+        return torch.einsum("kbn,nbd->kbd", weights.to(stacked.dtype), stacked)

@@ -35,6 +35,8 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: hidden widths of each tower.
         dropout: dropout in the bottom and the towers, in [0, 1).
         check_finite: reject NaN/inf inputs.
+        experts: ``"modules"`` (default) or ``"bank"`` (the towers are batched; the single
+            bottom is one module either way; see :mod:`mtlbook.models.banks`).
     """
 
     def __init__(
@@ -47,8 +49,9 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: Sequence[int] = (32,),
         dropout: float = 0.0,
         check_finite: bool = True,
+        experts: str = "modules",
     ) -> None:
-        super().__init__(n_features, task_specs, check_finite=check_finite)
+        super().__init__(n_features, task_specs, check_finite=check_finite, experts=experts)
         expert_dim = check_int(expert_dim, "expert_dim", 1)
         dropout = check_dropout(dropout)
         self.bottom = Expert(n_features, expert_dim, check_widths(expert_hidden, "expert_hidden"), dropout)
