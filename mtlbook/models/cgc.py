@@ -195,15 +195,14 @@ class ExtractionLevel(nn.Module):
                 u = task_list[0]  # broadcast to every gate
             else:
                 u = torch.stack(task_list)
-            gate_w = GateBank(list(self.task_gates))(u)  # [K, batch, m]
+            gate_w = GateBank(list(self.task_gates))(u).to(stacked.dtype)  # [K, batch, m]
             n_s = len(shared_outputs)
-            picks, offset = [], n_s
-            for k in range(n_tasks):
-                n_k = len(task_outputs[k])
-                picks.append(list(range(n_s)) + list(range(offset, offset + n_k)))
-                offset += n_k
-            index = torch.as_tensor(picks, device=stacked.device)  # [K, m]
-            task_features = torch.einsum("kbm,kmbd->kbd", gate_w.to(stacked.dtype), stacked[index])
+            n_own = len(task_outputs[0])  # every gate has m = n_s + n_own (one gate shape)
+            # f_k = sum_s g_ks S_s + sum_j g_kj T_kj, no gather: task experts are task-major
+            task_features = torch.einsum("kbs,sbd->kbd", gate_w[:, :, :n_s], stacked[:n_s])
+            if n_own:
+                own = stacked[n_s:].reshape(n_tasks, n_own, *stacked.shape[1:])  # [K, n_own, batch, d]
+                task_features = task_features + torch.einsum("kbj,kjbd->kbd", gate_w[:, :, n_s:], own)
             for k in range(n_tasks):
                 weights[str(k)] = gate_w[k]
         else:

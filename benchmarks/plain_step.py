@@ -1,0 +1,213 @@
+"""A plain PLE training step, module by module against expert banks, and its FLOP floor.
+
+The benchmark problem of :mod:`mtlbook.experiments.bench` (synthetic ``"conflict"`` suite,
+2-level PLE, 2 shared + 1 task expert per task per level, experts 32 -> 64 -> 32, batch 256)
+at 4, 8 and 16 tasks. One *plain step* is
+
+    zero_grad -> forward -> per-task losses -> sum().backward() -> AdamW.step()
+
+for the same initial weights in two forms: ``experts="modules"`` (every expert, gate and tower
+its own module call; the package default) and ``experts="bank"`` (modules of one shape as
+one batched matmul, :mod:`mtlbook.models.banks`). Per round, in shuffled order, the script
+times a block of steps of each form, a block of AdamW steps alone (``optimizer_ms``, the
+same for both forms: same parameters), a block of the bank's weight stacks alone, forward
+and backward (``stack_ms``: what keeping one Parameter per expert costs), and a block of
+256x512 @ 512x512 float32 matmuls (the machine's attainable GFLOP/s on ``--threads``
+threads, measured in the same rounds, so under the same load). Reported values are medians
+over rounds of the per-step times.
+
+The FLOP floor is ``step_mflop / matmul_gflops``, with ``step_mflop`` the forward plus
+backward FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
+only; the optimizer's elementwise work is not counted, which makes the floor optimistic).
+
+    .venv/bin/python benchmarks/plain_step.py --quick                      # smoke run
+    nice .venv/bin/python benchmarks/plain_step.py                         # writes book/data/plain_step.csv
+
+Nothing asserts on these timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mtlbook.experiments.bench import make_problem  # noqa: E402
+from mtlbook.losses import task_losses  # noqa: E402
+from mtlbook.models import PLE, to_bank  # noqa: E402
+from mtlbook.models.banks import group_by, stack_weights  # noqa: E402
+
+COLUMNS = (
+    "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "matmul_gflops", "floor_ms",
+    "module_over_floor", "bank_over_floor", "optimizer_ms", "stack_ms", "rounds", "block_steps",
+    "threads", "batch_size",
+)  # fmt: skip
+
+
+class Stepper:
+    """Plain AdamW steps of one model over the problem's batches."""
+
+    def __init__(self, model: PLE, batches, task_specs, lr: float = 5e-4) -> None:
+        self.model, self.batches, self.task_specs = model, batches, task_specs
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.i = 0
+
+    def forward_backward(self) -> None:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        task_losses(self.model(batch.inputs), batch, self.task_specs).sum().backward()
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.optimizer.step()
+
+
+def bank_linear_groups(model: PLE) -> list[list[nn.Linear]]:
+    """The groups of ``nn.Linear`` the bank form of a PLE stacks in one step."""
+    groups: list[list[nn.Linear]] = []
+
+    def mlp_layers(mlps, last: str) -> None:
+        if not mlps:
+            return
+        for idx in group_by(mlps, lambda m: tuple(p.shape for p in m.parameters())):
+            linears = [[m for m in mlps[i].body if isinstance(m, nn.Linear)] + [getattr(mlps[i], last)] for i in idx]
+            groups.extend([lin[j] for lin in linears] for j in range(len(linears[0])))
+
+    for level in model.levels:
+        mlp_layers(list(level.shared_experts), "output_layer")
+        mlp_layers([e for experts in level.task_experts for e in experts], "output_layer")
+        gates = list(level.task_gates)
+        groups.extend([gates[i].linear for i in idx] for idx in group_by(gates, lambda g: g.linear.weight.shape))
+    mlp_layers(list(model.towers), "head")
+    return groups
+
+
+def stack_only(groups: list[list[nn.Linear]]) -> Callable[[], None]:
+    """Forward and backward of the bank's weight and bias stacks alone (no matmul)."""
+    params = [p for g in groups for layer in g for p in layer.parameters()]
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        outs = [t for g in groups for t in stack_weights(g) if t is not None]
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    return run
+
+
+def step_flops(stepper: Stepper) -> int:
+    with FlopCounterMode(display=False) as counter:
+        stepper.forward_backward()
+    return counter.get_total_flops()
+
+
+def time_block(action: Callable[[], None], n: int) -> float:
+    """Seconds per call over a block of ``n`` calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        action()
+    return (time.perf_counter() - start) / n
+
+
+def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -> dict[str, object]:
+    problem = make_problem(n_tasks, batch_size=args.batch_size)
+    module = Stepper(problem.model, problem.batches, problem.task_specs)
+    bank = Stepper(to_bank(problem.model), problem.batches, problem.task_specs)
+    flops = step_flops(module)
+    bank_flops = step_flops(bank)
+    a, b = torch.randn(256, 512), torch.randn(512, 512)
+    matmul_flop = 2 * 256 * 512 * 512
+    stacks = stack_only(bank_linear_groups(bank.model))
+    actions: dict[str, Callable[[], None]] = {
+        "module": module.step,
+        "bank": bank.step,
+        "optimizer": module.optimizer.step,  # grads from the module steps
+        "stack": stacks,
+        "matmul": lambda: torch.mm(a, b),
+    }
+    for action in actions.values():  # warm-up
+        time_block(action, 3)
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(args.rounds):
+        order = list(actions)
+        rng.shuffle(order)
+        for name in order:
+            n = args.block * 4 if name == "matmul" else args.block
+            times[name].append(time_block(actions[name], n))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    gflops = matmul_flop / med["matmul"] / 1e9
+    floor_ms = flops / (gflops * 1e9) * 1e3
+    module_ms, bank_ms = med["module"] * 1e3, med["bank"] * 1e3
+    if bank_flops != flops:
+        print(f"note: {n_tasks} tasks: bank counts {bank_flops / 1e6:.1f} MFLOP, modules {flops / 1e6:.1f}")
+    return {
+        "n_tasks": n_tasks,
+        "module_ms": round(module_ms, 3),
+        "bank_ms": round(bank_ms, 3),
+        "speedup": round(module_ms / bank_ms, 3),
+        "step_mflop": round(flops / 1e6, 2),
+        "matmul_gflops": round(gflops, 2),
+        "floor_ms": round(floor_ms, 3),
+        "module_over_floor": round(module_ms / floor_ms, 2),
+        "bank_over_floor": round(bank_ms / floor_ms, 2),
+        "optimizer_ms": round(med["optimizer"] * 1e3, 3),
+        "stack_ms": round(med["stack"] * 1e3, 3),
+        "rounds": args.rounds,
+        "block_steps": args.block,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
+    parser.add_argument("--out", type=Path, default=ROOT / "book" / "data" / "plain_step.csv")
+    parser.add_argument("--quick", action="store_true", help="4 tasks, 2 rounds of 2 steps; writes nothing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.rounds, args.block = [4], 2, 2
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    rows = []
+    for n_tasks in args.tasks:
+        row = run_task_count(n_tasks, args, rng)
+        rows.append(row)
+        print(
+            f"{n_tasks:>3} tasks: modules {row['module_ms']:8.2f} ms ({row['module_over_floor']:5.1f}x floor) | "
+            f"bank {row['bank_ms']:8.2f} ms ({row['bank_over_floor']:5.1f}x floor) | speedup {row['speedup']:.2f} | "
+            f"floor {row['floor_ms']:.2f} ms ({row['step_mflop']:.0f} MFLOP at {row['matmul_gflops']:.0f} GFLOP/s) | "
+            f"AdamW alone {row['optimizer_ms']:.2f} ms | stacks alone {row['stack_ms']:.2f} ms",
+            flush=True,
+        )
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
