@@ -167,8 +167,7 @@ def stacked_linear(x: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
     """
     weight_t, bias = stack_weights(layers)
     if x.dim() == 2:
-        y = torch.matmul(x, weight_t)  # broadcast over the n layers
-        return y if bias is None else y + bias
+        x = x.unsqueeze(0).expand(len(layers), *x.shape)  # one input for all: a stride-0 view
     if bias is not None:
         return torch.baddbmm(bias, x, weight_t)
     return torch.bmm(x, weight_t)
@@ -233,7 +232,8 @@ class GateBank:
     """``K`` ``SoftmaxGate`` of one shape: ``softmax(u_k W_k^T + c_k)`` for every k at once.
 
     ``bank(u)`` takes ``u [batch, d_in]`` (every gate reads it) or ``[K, batch, d_in]`` and
-    returns float32 weights ``[K, batch, m]``.
+    returns float32 weights ``[K, batch, m]`` (a transposed view of a contiguous
+    ``[K, m, batch]`` softmax).
     """
 
     def __init__(self, gates: Sequence[SoftmaxGate]) -> None:
@@ -244,7 +244,10 @@ class GateBank:
             raise ValueError("every gate of a GateBank must have the same in_dim and n_experts")
 
     def __call__(self, u: Tensor) -> Tensor:
-        return torch.softmax(stacked_linear(u, [g.linear for g in self.gates]).float(), dim=-1)
+        # softmax over a strided dim of the expert-major copy [K, m, batch] (batch contiguous,
+        # vectorised), not over a last dim of 2-4 entries (slow on CPU)
+        logits = stacked_linear(u, [g.linear for g in self.gates]).float()  # [K, batch, m]
+        return torch.softmax(logits.transpose(1, 2).contiguous(), dim=1).transpose(1, 2)  # [K, batch, m] view
 
 
 class TowerBank:
@@ -274,7 +277,7 @@ def towers_forward(towers: Sequence[TaskTower], features: Sequence[Tensor] | Ten
         if isinstance(features, Tensor) and len(idx) == len(towers):
             x = features
         elif isinstance(features, Tensor):
-            x = features[torch.as_tensor(idx, device=features.device)]
+            x = features.index_select(0, torch.as_tensor(idx, device=features.device))
         else:
             x = torch.stack([features[k] for k in idx])
         y = TowerBank([towers[k] for k in idx])(x, training)
