@@ -154,7 +154,7 @@ class MultiTaskModel(nn.Module):
         """``x [batch, n_features] -> {task: raw output}`` (``[batch]`` or ``[batch, o_k]``)."""
         x = self.validate_input(x)
         record = _LastForward()
-        if self.experts_mode == "bank":
+        if getattr(self, "experts_mode", "modules") == "bank":  # models pickled before banks have no mode
             features = self._task_features_bank(x, record)
             self._last = record
             return dict(zip(self.task_names, towers_forward(list(self.towers), features, self.training)))
