@@ -434,6 +434,9 @@ class PCGrad(LossBalancer):
         seed: seed of the order generator.
     """
 
+    #: the shared gradients are rewritten after the backward (multi-process runs average them again)
+    rewrites_shared_gradients = True
+
     def __init__(self, n_tasks: int, seed: int = 0) -> None:
         super().__init__(n_tasks)
         if isinstance(seed, bool) or not isinstance(seed, int):
