@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_mask, check_number
 from mtlbook.losses import UncertaintyWeighting
 
 __all__ = [
@@ -51,17 +52,11 @@ ScaleFn = Callable[[Tensor], Tensor]
 
 
 def _check_n_tasks(n_tasks: Any) -> int:
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
-    return n_tasks
+    return check_int(n_tasks, "n_tasks", 1)
 
 
 def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_number(value, name, 0, open_low=True, wrong_type=TypeError)
 
 
 def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
@@ -125,11 +120,7 @@ class LossBalancer(nn.Module):
         if present is None:
             present = torch.ones(self.n_tasks, dtype=torch.bool, device=task_losses.device)
         else:
-            if not isinstance(present, Tensor) or present.dtype != torch.bool:
-                raise TypeError("present must be a bool tensor [n_tasks] or None")
-            if present.shape != (self.n_tasks,):
-                raise ValueError(f"present must have shape [{self.n_tasks}], got {list(present.shape)}")
-            present = present.to(task_losses.device)
+            present = check_mask(present, self.n_tasks).to(task_losses.device)
         return task_losses, present
 
     @staticmethod

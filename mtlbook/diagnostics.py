@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_number
 from mtlbook.balancing import build_balancer
 from mtlbook.data.batch import MultiTaskDataset, make_loader
 from mtlbook.losses import task_losses as compute_task_losses
@@ -327,15 +328,11 @@ class DiagnosticRun:
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(value, name, 1)
 
 
 def _check_rate(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number(value, name, 0, open_low=True)
 
 
 def _check_run_arguments(train: Any, val: Any, arguments: dict[str, Any]) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlbook._checks import check_mask
 from mtlbook.data.batch import TASK_KINDS, Batch, TaskSpec, check_task_specs
 
 __all__ = [
@@ -61,11 +62,7 @@ def _check_present(present: Tensor | None, n_rows: int, device: torch.device) ->
     if present is None:
         return None
     _check_tensor(present, "present")
-    if present.dtype != torch.bool:
-        raise TypeError(f"present must be a bool tensor, got dtype {present.dtype}")
-    if present.shape != (n_rows,):
-        raise ValueError(f"present must have shape [{n_rows}] (one flag per row), got {list(present.shape)}")
-    return present.to(device)
+    return check_mask(present, n_rows, per="row").to(device)
 
 
 def _as_row_mask(mask: Tensor, like: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ one described by the book's source notes; it is not the architecture of that pap
 """
 
 from __future__ import annotations
+from mtlbook._checks import check_mask
 
 import math
 import weakref
@@ -76,12 +77,7 @@ def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: t
     """Bool ``[n_tasks]`` on ``device``; ``None`` means every task is present."""
     if present is None:
         return torch.ones(n_tasks, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(present, device=device)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"present must be a bool tensor of shape [{n_tasks}], got dtype {mask.dtype}")
-    if mask.shape != (n_tasks,):
-        raise ValueError(f"present must have shape [{n_tasks}] (one flag per task), got {tuple(mask.shape)}")
-    return mask
+    return check_mask(torch.as_tensor(present, device=device), n_tasks)
 
 
 def as_loss_vector(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> Tensor:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_number
 from mtlbook.adatt.affinity import cosine_matrix
 from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec, make_loader
 from mtlbook.data.synthetic import make_mmoe_synthetic
@@ -100,19 +101,11 @@ METRIC_FOR_KIND: dict[str, str] = {"regression": "mse", "binary": "auc", "multic
 
 # --------------------------------------------------------------------------- validation
 def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
+    return check_int(value, name, low, wrong_type=TypeError)
 
 
 def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_number(value, name, 0, open_low=True, wrong_type=TypeError)
 
 
 def _check_dataset(dataset: Any, name: str) -> MultiTaskDataset:

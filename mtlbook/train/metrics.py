@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from mtlbook._checks import check_mask
 from mtlbook.data.batch import TaskSpec
 
 __all__ = ["METRIC_FOR_KIND", "accuracy", "binary_auc", "rmse", "task_metric"]
@@ -41,8 +42,7 @@ def _select(values: Tensor, present: Tensor | None, name: str) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
     if present is None:
         return values
-    if not isinstance(present, Tensor) or present.dtype != torch.bool or present.shape != values.shape[:1]:
-        raise ValueError(f"present must be a bool tensor of shape [{values.shape[0]}]")
+    present = check_mask(present, values.shape[0], per="row", wrong_type=ValueError)
     return values[present.to(values.device)]
 
 
