@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlbook._checks import check_int, check_mask, check_number
+from mtlbook.gradients import flat_task_gradients, gradient_parts
 from mtlbook.losses import UncertaintyWeighting
 
 __all__ = [
@@ -69,26 +70,10 @@ def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _per_task_gradients(losses: Tensor, params: list[Tensor], active: Tensor) -> Tensor:
-    """Task-major ``[n_tasks, d]`` flat gradients of ``losses[i]`` on ``params``.
-
-    ``autograd.grad(..., retain_graph=True)`` leaves the graph intact for the backward that
-    follows; a parameter a task does not reach (or an inactive task) gives zeros.
-    """
-    n = losses.shape[0]
-    dim = sum(p.numel() for p in params)
-    device = params[0].device
-    grads = torch.zeros(n, dim, device=device, dtype=torch.float32)
-    for i in range(n):
-        if not bool(active[i]) or not losses[i].requires_grad:
-            continue
-        parts = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-        grads[i] = torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                for g, p in zip(parts, params)
-            ]
-        )
-    return grads
+    """Task-major ``[n_tasks, d]`` float32 gradients of ``losses[i]`` on ``params`` (zeros for
+    an inactive task or a parameter it does not reach); see :mod:`mtlbook.gradients`."""
+    rows = [i for i in range(losses.shape[0]) if bool(active[i])]
+    return flat_task_gradients(losses, params, rows, dtype=torch.float32)
 
 
 def _unflatten_into(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
@@ -481,7 +466,7 @@ class PCGrad(LossBalancer):
         residual = obj - losses.sum()
         extra = [None] * len(params)
         if residual.requires_grad:
-            extra = list(torch.autograd.grad(residual, params, retain_graph=True, allow_unused=True))
+            extra = list(gradient_parts(residual, params))
 
         # Set accumulated gradients aside (gradient accumulation must survive), let the plain
         # backward serve the non-shared parameters, then overwrite the shared ones.

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from mtlbook._checks import check_int, check_number
 from mtlbook.balancing import build_balancer
 from mtlbook.data.batch import MultiTaskDataset, make_loader
+from mtlbook.gradients import flat_task_gradients
 from mtlbook.losses import task_losses as compute_task_losses
 from mtlbook.models import SharedBottom
 
@@ -122,16 +123,7 @@ def task_gradients(task_losses: Tensor, shared_parameters: Sequence[Tensor]) -> 
     so does a loss that is not attached to the graph.
     """
     params = _check_losses_and_params(task_losses, shared_parameters)
-    dim = sum(p.numel() for p in params)
-    grads = torch.zeros(task_losses.shape[0], dim, dtype=torch.float64)
-    for i in range(task_losses.shape[0]):
-        if not task_losses[i].requires_grad:
-            continue
-        parts = torch.autograd.grad(task_losses[i], params, retain_graph=True, allow_unused=True)
-        grads[i] = torch.cat([
-            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).double() for g, p in zip(parts, params)
-        ])
-    return grads
+    return flat_task_gradients(task_losses, params, dtype=torch.float64, device=torch.device("cpu"))
 
 
 def task_gradient_norms(task_losses: Tensor, shared_parameters: Sequence[Tensor]) -> Tensor:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlbook._checks import check_int, check_number
-from mtlbook.adatt.affinity import cosine_matrix
+from mtlbook.gradients import cosine_matrix, flatten_parts, gradient_parts
 from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec, make_loader
 from mtlbook.data.synthetic import make_mmoe_synthetic
 from mtlbook.losses import task_losses
@@ -551,11 +551,7 @@ def task_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor]) 
     params = list(params)
     if not roots or not params:
         raise ValueError("task_gradients needs at least one loss and one parameter")
-    rows = []
-    for loss in roots:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
+    return torch.stack([flatten_parts(gradient_parts(loss, params), params) for loss in roots])
 
 
 def gradient_cosine(model: nn.Module, batch: Batch, task_a: str, task_b: str) -> float:
