@@ -227,13 +227,20 @@ def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequ
 
 
 def cosine_matrix(gradients: Tensor) -> Tensor:
-    """Pairwise cosines of the rows of ``gradients`` ``[n, d]`` -> ``[n, n]``, in one matmul.
+    """Pairwise cosine similarity of the rows of ``gradients`` in one matmul.
 
-    Rows are divided by :math:`\\max(\\lVert g_i \\rVert, 10^{-8})`, so a zero row has cosine 0
-    with every row (its diagonal entry included) instead of NaN.
+    .. math::
+        \\hat G = G / \\max(\\lVert g_i \\rVert_2, 10^{-8}), \\qquad C = \\hat G \\hat G^\\top
+
+    Args:
+        gradients: ``[n, d]``, one flattened gradient per row.
+
+    Returns:
+        ``[n, n]`` with ``C_ij = cos(g_i, g_j)``. A zero row has no direction: its row and
+        column (diagonal included) are 0 instead of NaN, thanks to the ``1e-8`` floor.
     """
     if not isinstance(gradients, Tensor) or gradients.dim() != 2:
-        raise ValueError(f"gradients must be a 2-D tensor [n_tasks, d], got {getattr(gradients, 'shape', type(gradients))}")
-    norms = gradients.norm(dim=1, keepdim=True).clamp_min(COSINE_FLOOR)
+        raise ValueError("gradients must be a 2-D tensor [n_tasks, d]")
+    norms = gradients.norm(dim=1, keepdim=True).clamp_min(1e-8)
     unit = gradients / norms
     return unit @ unit.T
