@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from torch import nn
+
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models.base import MultiTaskModel
 from mtlbook.models.cgc import CGC, PLE, BlockAttentionCGC, ExtractionLevel
@@ -41,6 +43,19 @@ MODELS: dict[str, type[MultiTaskModel]] = {
     "ple": PLE,
     "block_cgc": BlockAttentionCGC,
 }
+
+
+def register_model(name: str, cls: type) -> None:
+    """Add a model class to :data:`MODELS` under ``name`` (``build_model(name, ...)`` then builds
+    it). The class takes ``(n_features, task_specs, **kwargs)`` and has the multi-task
+    interface (see ``mtlbook.train.inputs.REQUIRED_MODEL_API``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name in MODELS:
+        raise ValueError(f"name must be a new model name, got {name!r}, which is already registered")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    MODELS[name] = cls
 
 
 def build_model(kind: str, n_features: int, task_specs: Sequence[TaskSpec], **kwargs) -> MultiTaskModel:
@@ -67,6 +82,7 @@ __all__ = [
     "TaskTower",
     "block_scales",
     "build_model",
+    "register_model",
     "concat_blocks",
     "mix_experts",
     "normalized_entropy",

@@ -19,6 +19,7 @@ mask and ignores rows marked False.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from torch import Tensor
 from mtlbook._checks import check_mask
 from mtlbook.data.batch import TaskSpec
 
-__all__ = ["METRIC_FOR_KIND", "accuracy", "binary_auc", "rmse", "task_metric"]
+__all__ = ["METRICS", "METRIC_FOR_KIND", "accuracy", "binary_auc", "mse", "register_metric", "rmse", "task_metric"]
 
 #: The metric reported for each task kind (contrastive tasks report their loss only).
 METRIC_FOR_KIND: dict[str, str | None] = {
@@ -87,6 +88,12 @@ def rmse(predictions: Tensor, targets: Tensor, present: Tensor | None = None) ->
     return float(torch.sqrt(torch.mean((predictions - targets) ** 2)))
 
 
+def mse(predictions: Tensor, targets: Tensor, present: Tensor | None = None) -> float:
+    """Mean squared error over present rows (NaN when no row is present); :func:`rmse` squared."""
+    value = rmse(predictions, targets, present)
+    return value * value
+
+
 def accuracy(logits: Tensor, labels: Tensor, present: Tensor | None = None) -> float:
     """Share of present rows whose arg-max over ``logits [n, k]`` equals ``labels [n]``."""
     logits = _select(logits, present, "logits").detach()
@@ -98,13 +105,25 @@ def accuracy(logits: Tensor, labels: Tensor, present: Tensor | None = None) -> f
     return float((logits.argmax(dim=1) == labels.long()).double().mean())
 
 
+#: Every per-task metric by name: ``(outputs, targets, present) -> float``. Higher is better
+#: for ``auc`` and ``accuracy``, lower for ``rmse`` and ``mse``.
+METRICS: dict[str, Callable[..., float]] = {"auc": binary_auc, "rmse": rmse, "mse": mse, "accuracy": accuracy}
+
+
+def register_metric(name: str, metric: Callable[..., float]) -> None:
+    """Add ``metric`` ``(outputs, targets, present) -> float`` to :data:`METRICS` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name in METRICS:
+        raise ValueError(f"name must be a new metric name, got {name!r}, which is already registered")
+    if not callable(metric):
+        raise TypeError(f"metric must be callable, got {type(metric).__name__}")
+    METRICS[name] = metric
+
+
 def task_metric(spec: TaskSpec, outputs: Tensor, targets: Tensor, present: Tensor | None = None) -> float | None:
     """The metric of :data:`METRIC_FOR_KIND` for one task (``None`` for contrastive tasks)."""
     metric = METRIC_FOR_KIND[spec.kind]
     if metric is None:
         return None
-    if metric == "auc":
-        return binary_auc(outputs, targets, present)
-    if metric == "rmse":
-        return rmse(outputs, targets, present)
-    return accuracy(outputs, targets, present)
+    return METRICS[metric](outputs, targets, present)
