@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_mask", "check_number", "fail"]
+__all__ = ["check_int", "check_mask", "check_number", "check_registration", "fail"]
 
 
 def fail(name: str, accepted: str, value: Any, error: type[Exception] = ValueError) -> None:
@@ -84,3 +84,13 @@ def check_mask(present: Any, n: int, name: str = "present", *, per: str = "task"
     if tuple(present.shape) != (n,):
         raise ValueError(f"{name} must be {accepted}, got shape {list(present.shape)}")
     return present
+
+
+def check_registration(name: Any, registry: dict, what: str, value: Any, *, callable_value: bool = True) -> None:
+    """Refuse a registry entry: ``name`` must be a new non-empty str and ``value`` callable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name in registry:
+        raise ValueError(f"name must be a new {what} name, got {name!r}, which is already registered")
+    if callable_value and not callable(value):
+        raise TypeError(f"{what} must be callable, got {type(value).__name__}")

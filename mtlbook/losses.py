@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlbook._checks import check_mask
+from mtlbook._checks import check_mask, check_registration
 from mtlbook.data.batch import TASK_KINDS, Batch, TaskSpec, check_task_specs
 
 __all__ = [
@@ -401,12 +401,7 @@ DEFAULT_LOSS_FOR_KIND: dict[str, str] = {
 def register_loss(name: str, loss: Callable[..., Tensor], task_kinds: Sequence[str]) -> None:
     """Add ``loss`` (``(output, target, present, **kwargs) -> scalar``) to :data:`LOSSES` under
     ``name``, for the task kinds in ``task_kinds``; ``TrainerConfig.losses`` then accepts it."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if name in LOSSES:
-        raise ValueError(f"name must be a new loss name, got {name!r}, which is already registered")
-    if not callable(loss):
-        raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+    check_registration(name, LOSSES, "loss", loss)
     kinds = tuple(task_kinds) if isinstance(task_kinds, (list, tuple)) else ()
     if not kinds or any(k not in DEFAULT_LOSS_FOR_KIND for k in kinds):
         raise ValueError(f"task_kinds must be a non-empty list of {sorted(DEFAULT_LOSS_FOR_KIND)}, got {task_kinds!r}")

@@ -27,6 +27,7 @@ from typing import Sequence
 
 from torch import nn
 
+from mtlbook._checks import check_registration
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models.base import MultiTaskModel
 from mtlbook.models.cgc import CGC, PLE, BlockAttentionCGC, ExtractionLevel
@@ -49,10 +50,7 @@ def register_model(name: str, cls: type) -> None:
     """Add a model class to :data:`MODELS` under ``name`` (``build_model(name, ...)`` then builds
     it). The class takes ``(n_features, task_specs, **kwargs)`` and has the multi-task
     interface (see ``mtlbook.train.inputs.REQUIRED_MODEL_API``)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if name in MODELS:
-        raise ValueError(f"name must be a new model name, got {name!r}, which is already registered")
+    check_registration(name, MODELS, "model", cls, callable_value=False)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
     MODELS[name] = cls

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from mtlbook._checks import check_mask
+from mtlbook._checks import check_mask, check_registration
 from mtlbook.data.batch import TaskSpec
 
 __all__ = ["METRICS", "METRIC_FOR_KIND", "accuracy", "binary_auc", "mse", "register_metric", "rmse", "task_metric"]
@@ -112,12 +112,7 @@ METRICS: dict[str, Callable[..., float]] = {"auc": binary_auc, "rmse": rmse, "ms
 
 def register_metric(name: str, metric: Callable[..., float]) -> None:
     """Add ``metric`` ``(outputs, targets, present) -> float`` to :data:`METRICS` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if name in METRICS:
-        raise ValueError(f"name must be a new metric name, got {name!r}, which is already registered")
-    if not callable(metric):
-        raise TypeError(f"metric must be callable, got {type(metric).__name__}")
+    check_registration(name, METRICS, "metric", metric)
     METRICS[name] = metric
 
 
