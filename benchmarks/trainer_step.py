@@ -23,11 +23,11 @@ epoch that is never reached, so it measures, transfers and learns ``W``):
 The other adaTT configurations use the package default ``extraction="batched"``.
 
 **Timing through the public API.** Each configuration has its own ``Trainer`` (same initial
-weights) whose ``fit`` runs in its own thread on a re-iterable :class:`BlockFeed`. The feed
-serves one *epoch* of ``block_steps`` batches (the same batches every time) per turn, and only
-when the main thread gives that lane the turn, so exactly one trainer computes at any moment.
-The time of a block runs from the first batch handed out to the moment the trainer asks for
-the batch after the last one, i.e. exactly ``block_steps`` complete training steps;
+weights) whose ``fit`` runs in its own thread on the same ``block_steps`` batches every epoch;
+a :class:`TurnTaking` callback lets an epoch start only when the main thread gives that lane
+the turn, so exactly one trainer computes at any moment. The time of a block runs from the
+start of the first batch to the end of the last one (callback hooks ``on_batch_start`` and
+``on_batch_end``), i.e. exactly ``block_steps`` complete training steps;
 end-of-epoch work (metrics, scheduler, snapshots) is outside it. With ``block_steps = 10``
 an interval-10 block holds exactly one measurement. Every round runs the baseline (``plain``)
 first and last and the other lanes in between in a freshly shuffled order; a lane's ratio in
@@ -66,7 +66,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ from mtlbook.adatt import AdaptiveTaskTransfer
 from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
-from mtlbook.train import Trainer, TrainerConfig
+from mtlbook.train import Callback, Trainer, TrainerConfig
 
 #: ``{configuration: (grad_interval, extraction)}``; ``None`` = no adaTT; an interval of
 #: :data:`NEVER` = no measurement inside the timed blocks.
@@ -132,42 +132,44 @@ class BenchmarkAborted(RuntimeError):
     """Raised inside a lane's ``fit`` when the main thread stops the benchmark."""
 
 
-class BlockFeed:
-    """Training data for ``Trainer.fit`` that hands out one timed block per turn.
+class TurnTaking(Callback):
+    """Lets ``fit`` start an epoch only when the main thread gives the lane its turn, and times
+    the epoch's batches (one block) into :attr:`times`.
 
-    Every epoch is the same ``batches``. When the trainer starts an epoch (calls ``iter``),
-    the feed reports the lane idle and waits for :meth:`Lane.run_turn` to give it the turn;
-    it then records the seconds from handing out the first batch to being asked for the
-    batch after the last one in :attr:`times`.
+    At every epoch start the callback reports the lane idle (the previous epoch, end-of-epoch
+    work included, is over) and waits for :meth:`Lane.run_turn` to give it the turn; the block
+    runs from the first ``on_batch_start`` to the ``on_batch_end`` of the epoch's last batch.
     """
 
-    def __init__(self, batches: Sequence[Batch]) -> None:
-        self.batches = list(batches)
-        if not self.batches:
+    def __init__(self, n_batches: int) -> None:
+        if n_batches < 1:
             raise ValueError("batches must not be empty")
+        self.n_batches = n_batches
         self.times: list[float] = []
         self.spans: list[tuple[float, float]] = []  # (start, end) of every timed block
         self.turn = threading.Semaphore(0)
         self.idle = threading.Semaphore(0)
         self.abort = False
+        self._seen = 0
+        self._start = 0.0
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self._epoch()
-
-    def _epoch(self) -> Iterator[Batch]:
-        self.idle.release()  # the previous epoch, end-of-epoch work included, is over
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.idle.release()
         self.turn.acquire()
         if self.abort:
             raise BenchmarkAborted("benchmark stopped")
-        start = time.perf_counter()
-        for batch in self.batches:
-            yield batch
-        end = time.perf_counter()
-        self.times.append(end - start)
-        self.spans.append((start, end))
+        self._seen = 0
+
+    def on_batch_start(self, trainer: Trainer, batch: Batch) -> None:
+        if self._seen == 0:
+            self._start = time.perf_counter()
+
+    def on_batch_end(self, trainer: Trainer, batch: Batch, terms: Any) -> None:
+        self._seen += 1
+        if self._seen == self.n_batches:
+            end = time.perf_counter()
+            self.times.append(end - self._start)
+            self.spans.append((self._start, end))
 
 
 class Lane:
@@ -176,7 +178,8 @@ class Lane:
     def __init__(self, name: str, trainer: Trainer, batches: Sequence[Batch]) -> None:
         self.name = name
         self.trainer = trainer
-        self.feed = BlockFeed(batches)
+        self.batches = list(batches)
+        self.feed = TurnTaking(len(self.batches))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, name=f"lane-{name}", daemon=True)
         self.thread.start()
@@ -184,7 +187,7 @@ class Lane:
 
     def _fit(self) -> None:
         try:
-            self.trainer.fit(self.feed)
+            self.trainer.fit(self.batches, callbacks=[self.feed])
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
             self.error = error
         finally:
@@ -302,42 +305,37 @@ def measure(probe: MemoryProbe, action: Callable[[], Any]) -> float:
     return peak
 
 
-class ProbeFeed:
-    """Training data for a two-epoch ``fit``: epoch 0 warms up on ``batches``, epoch 1 runs
-    one step under a :class:`MemoryProbe` and stores its peak in :attr:`peak_bytes`."""
+class StepProbe(Callback):
+    """For a two-epoch ``fit``: epoch 0 warms up, the first step of epoch 1 runs under a
+    :class:`MemoryProbe` whose peak goes to :attr:`peak_bytes`."""
 
-    def __init__(self, batches: Sequence[Batch], device: torch.device) -> None:
-        self.batches = list(batches)
+    def __init__(self, device: torch.device) -> None:
         self.probe = MemoryProbe(device)
-        self.epochs_started = 0
         self.peak_bytes = math.nan
         self.on_step_start: Callable[[], None] = lambda: None
         self.updates_before = 0
+        self._armed = False
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self._epoch()  # a generator: nothing runs (or counts) until the trainer iterates
+    def on_batch_start(self, trainer: Trainer, batch: Batch) -> None:
+        if trainer.epoch == 1 and math.isnan(self.peak_bytes) and not self._armed:
+            self.on_step_start()
+            self._armed = True
+            self.probe.start()
 
-    def _epoch(self) -> Iterator[Batch]:
-        self.epochs_started += 1
-        if self.epochs_started == 1:
-            yield from self.batches
-            return
-        self.on_step_start()
-        self.probe.start()
-        try:
-            yield self.batches[0]  # the trainer's whole step runs before the next request
-        finally:
-            self.peak_bytes = self.probe.stop()
+    def on_batch_end(self, trainer: Trainer, batch: Batch, terms: Any) -> None:
+        if self._armed:
+            self._armed = False
+            self.peak_bytes = self.probe.stop()  # the trainer's whole step ran in between
 
 
 def step_peak(problem: Problem, config: str, device: str = "cpu") -> tuple[float, bool]:
     """Peak bytes of one training step after a warm-up epoch, and whether that step measured
     affinity (read off the affinity computer's update counter, not assumed)."""
     trainer = make_trainer(problem, config, epochs=2, device=device)
-    feed = ProbeFeed(problem.batches, torch.device(device))
+    feed = StepProbe(torch.device(device))
     updates = (lambda: 0) if trainer.adatt is None else (lambda: int(trainer.adatt.affinity_computer.n_updates))
     feed.on_step_start = lambda: setattr(feed, "updates_before", updates())
-    trainer.fit(feed)
+    trainer.fit(list(problem.batches), callbacks=[feed])
     return feed.peak_bytes, updates() > feed.updates_before
 
 

@@ -46,6 +46,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_mask, check_number
+from mtlbook.gradients import flat_task_gradients, gradient_parts
 from mtlbook.losses import UncertaintyWeighting
 
 __all__ = [
@@ -65,17 +67,11 @@ ScaleFn = Callable[[Tensor], Tensor]
 
 
 def _check_n_tasks(n_tasks: Any) -> int:
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
-    return n_tasks
+    return check_int(n_tasks, "n_tasks", 1)
 
 
 def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_number(value, name, 0, open_low=True, wrong_type=TypeError)
 
 
 def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
@@ -88,26 +84,10 @@ def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _per_task_gradients(losses: Tensor, params: list[Tensor], active: Tensor) -> Tensor:
-    """Task-major ``[n_tasks, d]`` flat gradients of ``losses[i]`` on ``params``.
-
-    ``autograd.grad(..., retain_graph=True)`` leaves the graph intact for the backward that
-    follows; a parameter a task does not reach (or an inactive task) gives zeros.
-    """
-    n = losses.shape[0]
-    dim = sum(p.numel() for p in params)
-    device = params[0].device
-    grads = torch.zeros(n, dim, device=device, dtype=torch.float32)
-    for i in range(n):
-        if not bool(active[i]) or not losses[i].requires_grad:
-            continue
-        parts = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-        grads[i] = torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                for g, p in zip(parts, params)
-            ]
-        )
-    return grads
+    """Task-major ``[n_tasks, d]`` float32 gradients of ``losses[i]`` on ``params`` (zeros for
+    an inactive task or a parameter it does not reach); see :mod:`mtlbook.gradients`."""
+    rows = [i for i in range(losses.shape[0]) if bool(active[i])]
+    return flat_task_gradients(losses, params, rows, dtype=torch.float32)
 
 
 def _unflatten_into(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
@@ -143,11 +123,7 @@ class LossBalancer(nn.Module):
         if present is None:
             present = torch.ones(self.n_tasks, dtype=torch.bool, device=task_losses.device)
         else:
-            if not isinstance(present, Tensor) or present.dtype != torch.bool:
-                raise TypeError("present must be a bool tensor [n_tasks] or None")
-            if present.shape != (self.n_tasks,):
-                raise ValueError(f"present must have shape [{self.n_tasks}], got {list(present.shape)}")
-            present = present.to(task_losses.device)
+            present = check_mask(present, self.n_tasks).to(task_losses.device)
         return task_losses, present
 
     @staticmethod
@@ -499,7 +475,7 @@ class GradientCombiner(LossBalancer, ABC):
         residual = obj - losses.sum()
         extra = [None] * len(params)
         if residual.requires_grad:
-            extra = list(torch.autograd.grad(residual, params, retain_graph=True, allow_unused=True))
+            extra = list(gradient_parts(residual, params))
 
         # Set accumulated gradients aside (gradient accumulation must survive), let the plain
         # backward serve the non-shared parameters, then overwrite the shared ones.
@@ -536,6 +512,9 @@ class PCGrad(GradientCombiner):
         n_tasks: number of tasks.
         seed: seed of the order generator.
     """
+
+    #: the shared gradients are rewritten after the backward (multi-process runs average them again)
+    rewrites_shared_gradients = True
 
     def __init__(self, n_tasks: int, seed: int = 0) -> None:
         super().__init__(n_tasks)

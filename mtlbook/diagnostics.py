@@ -50,8 +50,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_number
 from mtlbook.balancing import build_balancer
 from mtlbook.data.batch import MultiTaskDataset, make_loader
+from mtlbook.gradients import flat_task_gradients
 from mtlbook.losses import task_losses as compute_task_losses
 from mtlbook.models import SharedBottom
 
@@ -121,16 +123,7 @@ def task_gradients(task_losses: Tensor, shared_parameters: Sequence[Tensor]) -> 
     so does a loss that is not attached to the graph.
     """
     params = _check_losses_and_params(task_losses, shared_parameters)
-    dim = sum(p.numel() for p in params)
-    grads = torch.zeros(task_losses.shape[0], dim, dtype=torch.float64)
-    for i in range(task_losses.shape[0]):
-        if not task_losses[i].requires_grad:
-            continue
-        parts = torch.autograd.grad(task_losses[i], params, retain_graph=True, allow_unused=True)
-        grads[i] = torch.cat([
-            (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).double() for g, p in zip(parts, params)
-        ])
-    return grads
+    return flat_task_gradients(task_losses, params, dtype=torch.float64, device=torch.device("cpu"))
 
 
 def task_gradient_norms(task_losses: Tensor, shared_parameters: Sequence[Tensor]) -> Tensor:
@@ -327,15 +320,11 @@ class DiagnosticRun:
 
 
 def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(value, name, 1)
 
 
 def _check_rate(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number(value, name, 0, open_low=True)
 
 
 def _check_run_arguments(train: Any, val: Any, arguments: dict[str, Any]) -> torch.Tensor:
@@ -597,40 +586,5 @@ def linear_probe(
     )
 
 
-def pca_projection(features: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Principal-component coordinates ``[n, n_components]`` and each component's share of the variance.
-
-    Computed by SVD of the centred features; each component's sign is fixed so that its
-    largest-magnitude loading is positive, which makes the picture repeatable.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"features must be [n >= 2, d], got shape {x.shape}")
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or not 1 <= n_components <= min(x.shape):
-        raise ValueError(f"n_components must be an int in 1..{min(x.shape)}, got {n_components!r}")
-    centred = x - x.mean(axis=0)
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    signs = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
-    vt = vt * signs[:, None]
-    variance = singular**2
-    share = variance / variance.sum() if variance.sum() > 0 else np.zeros_like(variance)
-    return centred @ vt[:n_components].T, share[:n_components]
-
-
-def class_separation(coordinates: np.ndarray, labels: np.ndarray) -> float:
-    """Correlation ratio :math:`\\eta^2`: between-class sum of squares over total, in [0, 1].
-
-    1 means every class sits on a single point; 0 means all class means coincide.
-    """
-    x = np.asarray(coordinates, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    y = np.asarray(labels).reshape(-1)
-    if x.ndim != 2 or x.shape[0] != y.size or y.size < 2:
-        raise ValueError("coordinates must be [n, d] (n >= 2) with one label per row")
-    centred = x - x.mean(axis=0)
-    total = float((centred**2).sum())
-    if total == 0:
-        return 0.0
-    between = sum(float((y == k).sum()) * float((centred[y == k].mean(axis=0) ** 2).sum()) for k in np.unique(y))
-    return between / total
+# the geometry of a feature space has its own module; re-exported here
+from mtlbook.representation import class_separation, pca_projection  # noqa: E402

@@ -25,8 +25,14 @@ The pairwise cosines come from one matrix product on the row-normalised :math:`G
 so a zero row (a task that does not reach :math:`\theta_s`) has cosine 0 with everything,
 itself included, instead of NaN.
 
-Other modules (``mtlbook.diagnostics``, ``mtlbook.adatt``, ``mtlbook.balancing``) still carry
-their own copies of this computation; they are meant to move onto this helper.
+**Batched mode.** :func:`stacked_gradients` with ``extraction="batched"`` takes every
+task's gradient in one ``autograd.grad`` call: row :math:`k` of the identity, used as the
+``grad_outputs`` of the stacked losses, selects :math:`L_k`, and ``is_grads_batched=True``
+lets ``vmap`` run one backward per row. Both modes give the same :math:`G`.
+
+This is the only module that calls ``torch.autograd.grad``: adaTT's affinity (also for
+gradients with respect to a layer's output, see :mod:`mtlbook.adatt.affinity`), GradNorm and
+PCGrad, the diagnostics of chapter 2 and the experiments of chapter 3 all come here.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COSINE_FLOOR", "TaskGradients", "as_parameter_list", "cosine_matrix", "per_task_gradients"]
+__all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "flat_task_gradients",
+           "gradient_parts", "per_task_gradients", "stacked_gradients"]
+
+#: How :func:`stacked_gradients` takes the per-task gradients.
+EXTRACTIONS = ("batched", "loop")
 
 #: Norm floor of :func:`cosine_matrix` (GUIDE section 3).
 COSINE_FLOOR = 1e-8
@@ -155,23 +165,82 @@ def per_task_gradients(
             if not loss.requires_grad:
                 detached.append(names[i])
                 continue
-            parts = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            parts = gradient_parts(loss, params)
             if all(g is None for g in parts):
                 detached.append(names[i])
                 continue
-            grads[i] = torch.cat([
-                (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(dtype) for g, p in zip(parts, params)
-            ])
+            grads[i] = flatten_parts(parts, params, dtype)
     return TaskGradients(grads, names, tuple(detached))
 
 
-def cosine_matrix(gradients: Tensor) -> Tensor:
-    """Pairwise cosines of the rows of ``gradients`` ``[n, d]`` -> ``[n, n]``, in one matmul.
+def gradient_parts(loss: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    r""":math:`\partial L / \partial x` for every ``x`` in ``inputs`` (``None`` where ``L`` does
+    not reach ``x``); the graph is kept and no ``.grad`` is touched."""
+    return torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True)
 
-    Rows are divided by :math:`\\max(\\lVert g_i \\rVert, 10^{-8})`, so a zero row has cosine 0
-    with every row (its diagonal entry included) instead of NaN.
+
+def flatten_parts(parts: Sequence[Tensor | None], params: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """One flat row from :func:`gradient_parts` (zeros where a part is ``None``), in ``dtype``."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(dtype or p.dtype)
+                      for g, p in zip(parts, params)])  # fmt: skip
+
+
+def flat_task_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor], rows: Iterable[int] | None = None,
+                        *, dtype: torch.dtype | None = torch.float32, device: torch.device | None = None) -> Tensor:  # fmt: skip
+    """``[n_tasks, d]`` flat gradients of ``losses[i]`` on ``params`` for ``i`` in ``rows``
+    (default: every task), one ``autograd.grad`` per task (the *loop* mode). Rows not asked
+    for, and losses not attached to the graph, stay zero. ``dtype=None`` keeps the
+    parameters' dtype; ``device`` defaults to the parameters'."""
+    params = list(params)
+    n = losses.shape[0] if isinstance(losses, Tensor) else len(losses)
+    dim = sum(p.numel() for p in params)
+    out_dtype = dtype or params[0].dtype
+    out = torch.zeros(n, dim, dtype=out_dtype, device=device or params[0].device)
+    for i in range(n) if rows is None else rows:
+        if losses[i].requires_grad:
+            out[i] = flatten_parts(gradient_parts(losses[i], params), params, out_dtype)
+    return out
+
+
+def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor],
+                      extraction: str = "batched") -> list[Tensor | None]:  # fmt: skip
+    """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or
+    ``None`` when no root reaches it. ``extraction``: ``"batched"`` (one ``autograd.grad`` call
+    with ``is_grads_batched=True``) or ``"loop"`` (one call per task)."""
+    if extraction == "loop":
+        per_task = [gradient_parts(roots[i], inputs) for i in rows]
+        result: list[Tensor | None] = []
+        for c, x in enumerate(inputs):
+            grads = [g[c] for g in per_task]
+            if all(g is None for g in grads):
+                result.append(None)
+            else:
+                result.append(torch.stack([torch.zeros_like(x) if g is None else g for g in grads]))
+        return result
+    # Row k of the identity as grad_output selects loss k: vmap runs one backward per row.
+    stacked = torch.stack([roots[i].float() for i in rows])
+    selector = torch.eye(len(rows), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked, list(inputs), grad_outputs=selector, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    return list(grads)
+
+
+def cosine_matrix(gradients: Tensor) -> Tensor:
+    """Pairwise cosine similarity of the rows of ``gradients`` in one matmul.
+
+    .. math::
+        \\hat G = G / \\max(\\lVert g_i \\rVert_2, 10^{-8}), \\qquad C = \\hat G \\hat G^\\top
+
+    Args:
+        gradients: ``[n, d]``, one flattened gradient per row.
+
+    Returns:
+        ``[n, n]`` with ``C_ij = cos(g_i, g_j)``. A zero row has no direction: its row and
+        column (diagonal included) are 0 instead of NaN, thanks to the ``1e-8`` floor.
     """
     if not isinstance(gradients, Tensor) or gradients.dim() != 2:
-        raise ValueError(f"gradients must be a 2-D tensor [n_tasks, d], got {getattr(gradients, 'shape', type(gradients))}")
-    unit = gradients / gradients.norm(dim=1, keepdim=True).clamp_min(COSINE_FLOOR)
+        raise ValueError("gradients must be a 2-D tensor [n_tasks, d]")
+    norms = gradients.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    unit = gradients / norms
     return unit @ unit.T

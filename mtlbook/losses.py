@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlbook._checks import check_mask, check_registration
 from mtlbook.data.batch import TASK_KINDS, Batch, TaskSpec, check_task_specs
 
 __all__ = [
     "LOSSES",
     "LOSS_TASK_KINDS",
+    "register_loss",
     "DEFAULT_LOSS_FOR_KIND",
     "UncertaintyWeighting",
     "bce_with_logits_loss",
@@ -61,11 +63,7 @@ def _check_present(present: Tensor | None, n_rows: int, device: torch.device) ->
     if present is None:
         return None
     _check_tensor(present, "present")
-    if present.dtype != torch.bool:
-        raise TypeError(f"present must be a bool tensor, got dtype {present.dtype}")
-    if present.shape != (n_rows,):
-        raise ValueError(f"present must have shape [{n_rows}] (one flag per row), got {list(present.shape)}")
-    return present.to(device)
+    return check_mask(present, n_rows, per="row").to(device)
 
 
 def _as_row_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -398,6 +396,17 @@ DEFAULT_LOSS_FOR_KIND: dict[str, str] = {
     "multiclass": "ce",
     "contrastive": "infonce",
 }
+
+
+def register_loss(name: str, loss: Callable[..., Tensor], task_kinds: Sequence[str]) -> None:
+    """Add ``loss`` (``(output, target, present, **kwargs) -> scalar``) to :data:`LOSSES` under
+    ``name``, for the task kinds in ``task_kinds``; ``TrainerConfig.losses`` then accepts it."""
+    check_registration(name, LOSSES, "loss", loss)
+    kinds = tuple(task_kinds) if isinstance(task_kinds, (list, tuple)) else ()
+    if not kinds or any(k not in DEFAULT_LOSS_FOR_KIND for k in kinds):
+        raise ValueError(f"task_kinds must be a non-empty list of {sorted(DEFAULT_LOSS_FOR_KIND)}, got {task_kinds!r}")
+    LOSSES[name] = loss
+    LOSS_TASK_KINDS[name] = kinds
 
 
 def default_loss_for(kind: str) -> str:

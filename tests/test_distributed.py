@@ -21,6 +21,7 @@ from mtlbook.adatt import AdaptiveTaskTransfer, TaskAffinityComputer, cosine_mat
 from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec
 from mtlbook.models import PLE
 from mtlbook.train import Trainer, TrainerConfig
+from mtlbook.train.callbacks import Callback
 from mtlbook.train.distributed import ShardSampler, adatt_sync_bytes, init_distributed
 
 SPECS = (TaskSpec("click", "binary"), TaskSpec("value", "regression"), TaskSpec("kind", "multiclass", 3))
@@ -74,32 +75,31 @@ def state_vector(trainer: Trainer) -> torch.Tensor:
     return torch.cat([t.detach().double().reshape(-1) for t in tensors if isinstance(t, torch.Tensor)])
 
 
-class _Recording(Trainer):
+class _Recording(Callback):
     """Keeps, after every epoch, the model, balancer, adaTT and optimizer state as one vector
     (before a DDP rebuild at the next epoch could re-broadcast rank 0's state and hide a drift)."""
 
-    def _run_epoch(self, train_loader, val_loader):
-        record = super()._run_epoch(train_loader, val_loader)
-        moments = [t for s in self.optimizer.state_dict()["state"].values() for t in s.values()]
+    def __init__(self) -> None:
+        self.epoch_states: list[torch.Tensor] = []
+
+    def on_epoch_end(self, trainer, record):
+        moments = [t for s in trainer.optimizer.state_dict()["state"].values() for t in s.values()]
         optimizer_state = torch.cat([t.double().reshape(-1) for t in moments]) if moments else torch.zeros(0)
-        self.epoch_states = getattr(self, "epoch_states", []) + [torch.cat([state_vector(self), optimizer_state])]
-        return record
+        self.epoch_states.append(torch.cat([state_vector(trainer), optimizer_state]))
 
 
 class _Interrupted(Exception):
     pass
 
 
-class _StopAfter(Trainer):
+class _StopAfter(Callback):
     """Raises after ``stop_epoch`` epochs, i.e. right after that epoch's checkpoint."""
 
     stop_epoch = 2
 
-    def _run_epoch(self, train_loader, val_loader):
-        record = super()._run_epoch(train_loader, val_loader)
-        if self.epoch == self.stop_epoch:
+    def on_epoch_end(self, trainer, record):
+        if trainer.epoch == self.stop_epoch:
             raise _Interrupted
-        return record
 
 
 # ---------------------------------------------------------------------------- the two ranks
@@ -158,10 +158,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
     DistributedSampler.set_epoch = spy_set_epoch
     train, val = make_dataset(72, seed=1), make_dataset(21, seed=2)
     root = Path(folder)
-    full_run = _Recording(make_model(), make_config(root / "full"))
+    recorder = _Recording()
+    full_run = Trainer(make_model(), make_config(root / "full"), callbacks=[recorder])
     history = full_run.fit(train, val)
     out["full_state"] = state_vector(full_run)
-    out["full_epoch_states"] = full_run.epoch_states
+    out["full_epoch_states"] = recorder.epoch_states
     out["writes"] = list(writes)
     out["history"] = [(r["epoch"], r["phase"], r["train"]["loss"], r["val"]["loss"], r["val"]["click/auc"])
                       for r in history.records]  # fmt: skip
@@ -170,9 +171,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
     out["epochs_set"] = list(epochs_set)
 
     # 3. interrupted after epoch 2, resumed on two processes from rank 0's checkpoint
-    interrupted = _StopAfter(make_model(), make_config(root / "part"))
+    interrupted = Trainer(make_model(), make_config(root / "part"))
     try:
-        interrupted.fit(train, val)
+        interrupted.fit(train, val, callbacks=[_StopAfter()])
     except _Interrupted:
         pass
     resumed = Trainer(make_model(seed=7), make_config(root / "part"))  # other init: the checkpoint must win
@@ -184,10 +185,11 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
     # 4. balancers that rewrite gradients (PCGrad) or learn from local norms (GradNorm), cheap adaTT sync
     for balancing in ("pcgrad", "gradnorm"):
-        run = _Recording(make_model(), make_config(None, balancing=balancing, adatt_sync="cheap", phase1_epochs=3,
-                                                   phase2_epochs=1, accumulation_steps=1))  # fmt: skip
+        recorder = _Recording()
+        run = Trainer(make_model(), make_config(None, balancing=balancing, adatt_sync="cheap", phase1_epochs=3,
+                                                phase2_epochs=1, accumulation_steps=1), callbacks=[recorder])  # fmt: skip
         run.fit(train)
-        out[f"{balancing}_states"] = run.epoch_states
+        out[f"{balancing}_states"] = recorder.epoch_states
 
     # 5. a non-finite loss on one rank only: every rank skips that batch (else DDP would hang)
     poisoned = make_dataset(72, seed=1)

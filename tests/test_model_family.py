@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mtlbook.data import MultiTaskDataset, TaskSpec, make_mmoe_synthetic
-from mtlbook.data.batch import Batch
+from mtlbook.data.batch import Batch, make_loader
 from mtlbook.experiments import model_family as mf
+from mtlbook.losses import task_losses
 from mtlbook.models import build_model
 
 REG2 = (TaskSpec("a", "regression"), TaskSpec("b", "regression"))
@@ -371,10 +372,10 @@ def test_track_gradient_conflict_noise_baseline_leaves_training_alone_and_matche
     torch.manual_seed(3)
     model = build_model("ple", 5, REG2, **SMALL)
     model.train()
-    batch = next(iter(mf.make_loader(data, batch_size=16, shuffle=True, seed=0)))
+    batch = next(iter(make_loader(data, batch_size=16, shuffle=True, seed=0)))
     grads = []
     for half in split_batch(batch):
-        losses = mf.task_losses(model(half.inputs), half, data.task_specs)
+        losses = task_losses(model(half.inputs), half, data.task_specs)
         grads.append(mf.task_gradients(losses, model.shared_parameters()))
     expected = torch.nn.functional.cosine_similarity(grads[0][0], grads[1][0], dim=0)
     assert noisy["self_a"].iloc[0] == pytest.approx(float(expected), abs=1e-5)

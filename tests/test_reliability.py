@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from mtlbook.data.batch import MultiTaskDataset
 from mtlbook.losses import bce_with_logits_loss, cross_entropy_loss, focal_loss
 from mtlbook.models import PLE
+from mtlbook.train.callbacks import Callback
 from mtlbook.train import CheckpointError, Trainer, TrainerConfig, TrainingDivergedError, TrainingWarning
 from mtlbook.train.checkpoint import atomic_save, clean_stale_temporaries, load_file
 
@@ -93,20 +94,18 @@ def test_a_dataset_refuses_binary_labels_and_class_indices_out_of_range():
 
 
 # ------------------------------------------------------------------ defect 5: divergence
-def test_divergent_weights_stop_training_and_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_divergent_weights_stop_training_and_never_replace_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(make_model(), make_config(checkpoint_dir=str(tmp_path)))
-    original = Trainer._optimizer_step
 
-    def exploding(self, *args):
-        original(self, *args)
-        if self.epoch == 1:
-            with torch.no_grad():
-                for p in self.model.parameters():
-                    p.mul_(1e25)  # what an absurd learning rate did in the issue
+    class Exploding(Callback):
+        def on_batch_end(self, trainer, batch, terms):
+            if trainer.epoch == 1:
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        p.mul_(1e25)  # what an absurd learning rate did in the issue
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", exploding)
     with pytest.raises(TrainingDivergedError, match="diverged in epoch 1.*last good state"):
-        trainer.fit(make_dataset(64))
+        trainer.fit(make_dataset(64), callbacks=[Exploding()])
     kept = load_file(tmp_path / "last.pt")
     assert kept["trainer"]["epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) and float(v.abs().max()) < 1e3 for v in kept["model"].values() if v.is_floating_point())
@@ -240,21 +239,18 @@ class Interrupt(Exception):
     pass
 
 
-def test_fit_after_an_interrupt_mid_epoch_is_refused_and_so_is_a_mid_epoch_checkpoint(tmp_path, monkeypatch):
+def test_fit_after_an_interrupt_mid_epoch_is_refused_and_so_is_a_mid_epoch_checkpoint(tmp_path):
     trainer = Trainer(make_model(), make_config(checkpoint_dir=str(tmp_path)))
-    original = Trainer._train_batch
     calls = []
 
-    def interrupted(self, *args):
-        calls.append(1)
-        if self.epoch == 1 and len(calls) == 6:  # the second batch of epoch 1 (4 batches per epoch)
-            raise Interrupt("Ctrl-C")
-        return original(self, *args)
+    class Interrupted(Callback):
+        def on_batch_start(self, trainer, batch):
+            calls.append(1)
+            if trainer.epoch == 1 and len(calls) == 6:  # the second batch of epoch 1 (4 batches per epoch)
+                raise Interrupt("Ctrl-C")
 
-    monkeypatch.setattr(Trainer, "_train_batch", interrupted)
     with pytest.raises(Interrupt):
-        trainer.fit(make_dataset(64))
-    monkeypatch.setattr(Trainer, "_train_batch", original)
+        trainer.fit(make_dataset(64), callbacks=[Interrupted()])
     steps = trainer.step
     with pytest.raises(RuntimeError, match="interrupted in the middle of epoch 1"):
         trainer.fit(make_dataset(64))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import mtlbook.train.trainer as trainer_module
+from mtlbook.train.callbacks import Callback
 from mtlbook.adatt import AdaptiveTaskTransfer
 from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec
 from mtlbook.losses import focal_loss
@@ -52,21 +52,21 @@ def model_state(model) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------ phases
-def test_phase2_trains_only_the_task_side_and_adatt_comes_back(monkeypatch):
+def test_phase2_trains_only_the_task_side_and_adatt_comes_back():
     model, adatt = make_model(), make_adatt(freeze=10)
-    trainer = Trainer(model, make_config(), adatt=adatt)
     seen = {}
-    original = Trainer._enter_phase2
 
-    def spy(self):
-        original(self)
-        seen["shared"] = clone_params(model.shared_parameters())
-        seen["gates"] = clone_params(model.gate_parameters())
-        seen["task"] = clone_params(model.task_parameters())
-        seen["adatt_enabled"] = adatt.enabled
-        seen["requires_grad"] = [p.requires_grad for p in model.shared_parameters() + model.gate_parameters()]
+    class Spy(Callback):  # runs after the default Phase2Freeze: sees phase 2 as it starts
+        def on_phase_start(self, trainer):
+            if trainer.phase != 2:
+                return
+            seen["shared"] = clone_params(model.shared_parameters())
+            seen["gates"] = clone_params(model.gate_parameters())
+            seen["task"] = clone_params(model.task_parameters())
+            seen["adatt_enabled"] = adatt.enabled
+            seen["requires_grad"] = [p.requires_grad for p in model.shared_parameters() + model.gate_parameters()]
 
-    monkeypatch.setattr(Trainer, "_enter_phase2", spy)
+    trainer = Trainer(model, make_config(), adatt=adatt, callbacks=[Spy()])
     history = trainer.fit(make_dataset())
 
     assert seen["adatt_enabled"] is False and not any(seen["requires_grad"])
@@ -85,37 +85,33 @@ def test_phase2_trains_only_the_task_side_and_adatt_comes_back(monkeypatch):
     assert history.phase_boundaries == [3]
 
 
-def test_adatt_and_trainability_are_restored_when_phase2_raises(monkeypatch):
+def test_adatt_and_trainability_are_restored_when_phase2_raises():
     model, adatt = make_model(), make_adatt(freeze=10)
+
+    class Failing(Callback):
+        def on_epoch_start(self, trainer):
+            if trainer.phase == 2:
+                assert not trainer.adatt.enabled  # really disabled while phase 2 runs
+                raise RuntimeError("boom in phase 2")
+
     trainer = Trainer(model, make_config(), adatt=adatt)
-    original = Trainer._run_epoch
-
-    def failing(self, *args):
-        if self.phase == 2:
-            assert not self.adatt.enabled  # really disabled while phase 2 runs
-            raise RuntimeError("boom in phase 2")
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_run_epoch", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.fit(make_dataset())
+        trainer.fit(make_dataset(), callbacks=[Failing()])
     assert trainer.adatt is adatt and adatt.enabled
     assert all(p.requires_grad for p in model.shared_parameters() + model.gate_parameters())
     assert not bool(model.gates_frozen)
 
 
-def test_gates_freeze_together_with_adatt(monkeypatch):
+def test_gates_freeze_together_with_adatt():
     model = make_model()
     trainer = Trainer(model, make_config(phase1_epochs=4, phase2_epochs=0), adatt=make_adatt(warmup=1, freeze=2))
     gates_at_start = []
-    original = Trainer._run_epoch
 
-    def spy(self, *args):
-        gates_at_start.append(clone_params(model.gate_parameters()))
-        return original(self, *args)
+    class Spy(Callback):
+        def on_epoch_start(self, trainer):
+            gates_at_start.append(clone_params(model.gate_parameters()))
 
-    monkeypatch.setattr(Trainer, "_run_epoch", spy)
-    history = trainer.fit(make_dataset())
+    history = trainer.fit(make_dataset(), callbacks=[Spy()])
     assert history.adatt_phases == ["warmup", "dynamic", "frozen", "frozen"]
     assert [r["gates_frozen"] for r in history] == [False, False, True, True]
     assert not same(gates_at_start[1], gates_at_start[2])  # gates trained while adaTT was dynamic
@@ -312,23 +308,24 @@ def test_other_runtime_errors_are_not_swallowed():
 
 
 # ------------------------------------------------------------------------------ pipeline pieces
-def test_focal_loss_stays_float32_under_autocast(monkeypatch):
+def test_focal_loss_stays_float32_under_autocast(monkeypatch):  # spies on the public pipeline stage
     logits = torch.randn(8, dtype=torch.bfloat16)
     target = (torch.rand(8) > 0.5).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert focal_loss(logits, target).dtype == torch.float32
     seen = []
-    original = trainer_module.task_losses
+    cfg = make_config(phase1_epochs=1, phase2_epochs=0, amp="bf16", losses={"click": "focal"},
+                      loss_kwargs={"click": {"gamma": 2.0, "alpha": 0.25}})  # fmt: skip
+    trainer = Trainer(make_model(), cfg)
+    original = trainer.pipeline.task_losses
 
-    def spy(outputs, *args, **kwargs):
-        out = original(outputs, *args, **kwargs)
+    def spy(outputs, batch):
+        out = original(outputs, batch)
         seen.append((torch.is_autocast_enabled("cpu"), outputs["click"].dtype, out.dtype))
         return out
 
-    monkeypatch.setattr(trainer_module, "task_losses", spy)
-    cfg = make_config(phase1_epochs=1, phase2_epochs=0, amp="bf16", losses={"click": "focal"},
-                      loss_kwargs={"click": {"gamma": 2.0, "alpha": 0.25}})  # fmt: skip
-    history = Trainer(make_model(), cfg).fit(make_dataset(32))
+    monkeypatch.setattr(trainer.pipeline, "task_losses", spy)
+    history = trainer.fit(make_dataset(32))
     assert seen and all(enabled and out == torch.float32 for enabled, _, out in seen)
     assert any(dtype == torch.bfloat16 for _, dtype, _ in seen)  # the model really ran in bf16
     assert math.isfinite(history[0]["train"]["loss"])
@@ -344,22 +341,20 @@ def test_every_balancer_trains_to_finite_weights(balancing):
     assert history.skipped_nan == 0
 
 
-def test_gradient_accumulation_matches_one_big_batch(monkeypatch):
+def test_gradient_accumulation_matches_one_big_batch():
     dataset = make_dataset(32, missing=False)  # equal halves: the mean of half-means is the full mean
     full = [dataset.collate(range(32))]
     halves = [dataset.collate(range(16)), dataset.collate(range(16, 32))]
     grads = []
-    original = Trainer._optimizer_step
 
-    def spy(self, *args):
-        grads.append([p.grad.clone() for p in self.model.parameters()])
-        return original(self, *args)
+    class Spy(Callback):
+        def on_before_optimizer_step(self, trainer):
+            grads.append([p.grad.clone() for p in trainer.model.parameters()])
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", spy)
-    one = Trainer(make_model(), make_config(phase1_epochs=1, phase2_epochs=0))
+    one = Trainer(make_model(), make_config(phase1_epochs=1, phase2_epochs=0), callbacks=[Spy()])
     one.fit(full)
     two = Trainer(make_model(), make_config(phase1_epochs=1, phase2_epochs=0, accumulation_steps=2))
-    two.fit(halves)
+    two.fit(halves, callbacks=[Spy()])
     assert one.step == two.step == 1 and len(grads) == 2
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -34,6 +34,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_mask
+from mtlbook.gradients import cosine_matrix, stacked_gradients
+
 EXTRACTIONS = ("batched", "loop")
 PARAMETER_SETS = ("all", "weights", "last_layer")
 
@@ -76,12 +79,7 @@ def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: t
     """Bool ``[n_tasks]`` on ``device``; ``None`` means every task is present."""
     if present is None:
         return torch.ones(n_tasks, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(present, device=device)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"present must be a bool tensor of shape [{n_tasks}], got dtype {mask.dtype}")
-    if mask.shape != (n_tasks,):
-        raise ValueError(f"present must have shape [{n_tasks}] (one flag per task), got {tuple(mask.shape)}")
-    return mask
+    return check_mask(torch.as_tensor(present, device=device), n_tasks)
 
 
 def as_loss_vector(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> Tensor:
@@ -114,26 +112,6 @@ def loss_roots(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> list[Ten
 
 
 # --------------------------------------------------------------------------- math
-def cosine_matrix(gradients: Tensor) -> Tensor:
-    """Pairwise cosine similarity of the rows of ``gradients`` in one matmul.
-
-    .. math::
-        \\hat G = G / \\max(\\lVert g_i \\rVert_2, 10^{-8}), \\qquad C = \\hat G \\hat G^\\top
-
-    Args:
-        gradients: ``[n, d]``, one flattened gradient per row.
-
-    Returns:
-        ``[n, n]`` with ``C_ij = cos(g_i, g_j)``. A zero row has no direction: its row and
-        column (diagonal included) are 0 instead of NaN, thanks to the ``1e-8`` floor.
-    """
-    if not isinstance(gradients, Tensor) or gradients.dim() != 2:
-        raise ValueError("gradients must be a 2-D tensor [n_tasks, d]")
-    norms = gradients.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    unit = gradients / norms
-    return unit @ unit.T
-
-
 # --------------------------------------------------------------------------- hooks
 class _LastLayerCapture:
     """Forward hooks that remember, for each captured ``nn.Linear``, its input ``h`` and
@@ -355,23 +333,7 @@ class TaskAffinityComputer(nn.Module):
 
     def _batched_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor]) -> list[Tensor | None]:
         """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or None if unused."""
-        if self.extraction == "loop":
-            per_task = [torch.autograd.grad(roots[i], inputs, retain_graph=True, allow_unused=True) for i in rows]
-            result: list[Tensor | None] = []
-            for c, x in enumerate(inputs):
-                grads = [g[c] for g in per_task]
-                if all(g is None for g in grads):
-                    result.append(None)
-                else:
-                    result.append(torch.stack([torch.zeros_like(x) if g is None else g for g in grads]))
-            return result
-        # Row k of the identity as grad_output selects loss k: vmap runs one backward per row.
-        stacked = torch.stack([roots[i].float() for i in rows])
-        selector = torch.eye(len(rows), dtype=stacked.dtype, device=stacked.device)
-        grads = torch.autograd.grad(
-            stacked, inputs, grad_outputs=selector, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        return list(grads)
+        return stacked_gradients(roots, rows, inputs, self.extraction)
 
     def _parameter_gradients(
         self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device

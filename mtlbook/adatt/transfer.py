@@ -65,6 +65,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook._checks import check_int, check_number
 from mtlbook.adatt.affinity import (
     EXTRACTIONS,
     PARAMETER_SETS,
@@ -84,15 +85,11 @@ __all__ = ["AdaptiveTaskTransfer", "PHASES", "BLOCKINGS"]
 
 
 def _check_nonnegative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_number(value, name, 0)
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(value, name, minimum)
 
 
 def _sync_after_load(module: "AdaptiveTaskTransfer", _incompatible_keys: Any) -> None:

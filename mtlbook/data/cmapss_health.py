@@ -61,6 +61,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mtlbook._checks import check_int
 from mtlbook.data.batch import MultiTaskDataset, TaskSpec
 from mtlbook.data.cmapss import CMAPSS, load_cmapss
 
@@ -91,10 +92,7 @@ SENSOR_COLUMNS: tuple[str, ...] = tuple(f"s_{i}" for i in range(1, 22))
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+_check_int = check_int
 
 
 def _check_thresholds(thresholds: object) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlbook._checks import check_int
 from mtlbook.data.batch import MultiTaskDataset, TaskSpec
 
 __all__ = [
@@ -44,12 +45,7 @@ __all__ = [
 
 
 def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {accepted}, got {value}")
-    return int(value)
+    return check_int(value, name, low, high, wrong_type=TypeError)
 
 
 def _check_float(value, name: str, low: float, high: float | None = None, *, open_low: bool = False,

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from mtlbook._checks import check_int
 from mtlbook.data import Batch, TaskSpec, iterate_batches, make_suite_regime
 from mtlbook.models import PLE
 
@@ -26,10 +27,7 @@ class Problem:
     task_specs: tuple[TaskSpec, ...]
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+_check_int = check_int
 
 
 def make_problem(

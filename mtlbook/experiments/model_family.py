@@ -42,28 +42,25 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mtlbook.adatt.affinity import cosine_matrix
-from mtlbook.data.batch import Batch, MultiTaskDataset, TaskSpec, make_loader
+from mtlbook.data.batch import MultiTaskDataset, TaskSpec
 from mtlbook.data.synthetic import make_mmoe_synthetic
-from mtlbook.losses import task_losses
+from mtlbook.experiments._family_checks import _check_dataset, _check_int, _check_kinds, _check_positive, _check_task
 from mtlbook.models import build_model
 from mtlbook.train.metrics import binary_auc
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 __all__ = [
     "FAMILY",
     "MODEL_LABELS",
-    "METRIC_FOR_KIND",
+    "TEST_METRIC_FOR_KIND",
     "build_family_model",
     "compare_models",
     "correlation_curve",
@@ -94,49 +91,9 @@ MODEL_LABELS: dict[str, str] = {
     "mmoe": "MMoE",
     "ple": "PLE",
 }
-#: The test metric of each task kind: lower is better for ``mse``, higher for the others.
-METRIC_FOR_KIND: dict[str, str] = {"regression": "mse", "binary": "auc", "multiclass": "accuracy"}
-
-
-# --------------------------------------------------------------------------- validation
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_dataset(dataset: Any, name: str) -> MultiTaskDataset:
-    if not isinstance(dataset, MultiTaskDataset):
-        raise TypeError(f"{name} must be an mtlbook MultiTaskDataset, got {type(dataset).__name__}")
-    return dataset
-
-
-def _check_task(dataset: MultiTaskDataset, task: Any, name: str) -> str:
-    if task not in dataset.task_names:
-        raise ValueError(f"{name} must be one of the dataset's tasks {list(dataset.task_names)}, got {task!r}")
-    return task
-
-
-def _check_kinds(kinds: Any, allowed: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(kinds, str):
-        kinds = (kinds,)
-    kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in allowed]
-    if not kinds or bad:
-        raise ValueError(f"kinds must be a non-empty sequence drawn from {tuple(allowed)}, got {kinds!r}")
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds must not repeat a model, got {kinds!r}")
-    return kinds
+#: Chapter 3's test metric of each task kind (names of :data:`mtlbook.train.metrics.METRICS`;
+#: the trainer validates regression with ``rmse``, chapter 3 reports ``mse``).
+TEST_METRIC_FOR_KIND: dict[str, str] = {"regression": "mse", "binary": "auc", "multiclass": "accuracy"}
 
 
 # --------------------------------------------------------------------------- models
@@ -340,7 +297,7 @@ def predict(model: nn.Module, inputs: Tensor, batch_size: int = 8192) -> dict[st
 
 
 def evaluate_tasks(model: nn.Module, dataset: MultiTaskDataset) -> dict[str, float]:
-    r"""The test metric of each of ``dataset``'s tasks (see :data:`METRIC_FOR_KIND`).
+    r"""The test metric of each of ``dataset``'s tasks (see :data:`TEST_METRIC_FOR_KIND`).
 
     * regression: mean squared error :math:`\frac1n\sum_k (\hat y_k - y_k)^2`;
     * binary: ROC AUC of the logits (:func:`mtlbook.train.metrics.binary_auc`: the share of
@@ -353,8 +310,8 @@ def evaluate_tasks(model: nn.Module, dataset: MultiTaskDataset) -> dict[str, flo
     outputs = predict(model, dataset.inputs)
     scores: dict[str, float] = {}
     for spec in dataset.task_specs:
-        if spec.kind not in METRIC_FOR_KIND:
-            raise ValueError(f"evaluate_tasks supports task kinds {tuple(METRIC_FOR_KIND)}, got {spec.kind!r}")
+        if spec.kind not in TEST_METRIC_FOR_KIND:
+            raise ValueError(f"evaluate_tasks supports task kinds {tuple(TEST_METRIC_FOR_KIND)}, got {spec.kind!r}")
         present = dataset.present[spec.name]
         output = outputs[spec.name][present].double()
         target = dataset.targets[spec.name][present]
@@ -415,7 +372,7 @@ def compare_models(
             for spec in te.task_specs:
                 value = test_scores[spec.name]
                 rows.append({
-                    "model": kind, "task": spec.name, "metric": METRIC_FOR_KIND[spec.kind], "value": value,
+                    "model": kind, "task": spec.name, "metric": TEST_METRIC_FOR_KIND[spec.kind], "value": value,
                     "n_params": count_parameters(model), "seconds": seconds,
                 })  # fmt: skip
     return pd.DataFrame(rows), models
@@ -540,278 +497,6 @@ def gate_distance(table: "pd.DataFrame", gate_a: str, gate_b: str) -> float:
     return float(0.5 * difference.abs().sum())
 
 
-# --------------------------------------------------------------------------- gradients on the shared experts
-def task_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    r"""Per-task gradients :math:`G = [g_1; \dots; g_n]`, ``[n_tasks, d]``, on ``params``.
-
-    Row :math:`k` is :math:`\operatorname{flatten}(\partial L_k / \partial \theta)` over the
-    parameters in order. Each loss is differentiated with ``retain_graph=True`` (the graph
-    survives for a later ``backward``) and ``allow_unused=True`` (a parameter a loss does not
-    reach contributes zeros). No ``.grad`` field is touched.
-    """
-    if isinstance(losses, Tensor):
-        if losses.dim() != 1:
-            raise ValueError(f"losses must be a 1-D tensor [n_tasks] or a sequence of scalars, got shape {tuple(losses.shape)}")
-        roots = list(losses.unbind(0))
-    else:
-        roots = [t.reshape(()) for t in losses]
-    params = list(params)
-    if not roots or not params:
-        raise ValueError("task_gradients needs at least one loss and one parameter")
-    rows = []
-    for loss in roots:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
-
-
-def gradient_cosine(model: nn.Module, batch: Batch, task_a: str, task_b: str) -> float:
-    """:math:`\\cos(g_a, g_b)` of two tasks' loss gradients on ``model.shared_parameters()`` for one batch.
-
-    The losses are :func:`mtlbook.losses.task_losses` (the default loss of each task kind) on
-    a forward pass in the model's current mode. A task whose gradient is zero has no
-    direction; the cosine is then 0 (see :func:`mtlbook.adatt.cosine_matrix`).
-    """
-    if not isinstance(batch, Batch):
-        raise TypeError(f"batch must be an mtlbook Batch, got {type(batch).__name__}")
-    names = tuple(model.task_names)
-    for task, name in ((task_a, "task_a"), (task_b, "task_b")):
-        if task not in names:
-            raise ValueError(f"{name} must be one of the model's tasks {list(names)}, got {task!r}")
-    losses = task_losses(model(batch.inputs), batch, model.task_specs)
-    pair = torch.stack([losses[names.index(task_a)], losses[names.index(task_b)]])
-    grads = task_gradients(pair, model.shared_parameters())
-    return float(cosine_matrix(grads)[0, 1])
-
-
-def _half_batch_cosines(model, batch, specs, shared, ia: int, ib: int, g_a: Tensor, g_b: Tensor) -> dict:
-    """Noise-baseline cosines of one step (see :func:`track_gradient_conflict`)."""
-    from mtlbook.diagnose.noise import split_batch
-
-    with torch.random.fork_rng(devices=[]):  # dropout in the extra passes must not shift training's RNG
-        halves = []
-        for half in split_batch(batch):
-            losses = task_losses(model(half.inputs), half, specs)
-            halves.append(task_gradients(torch.stack([losses[ia], losses[ib]]), shared))
-    (a_1, b_1), (a_2, b_2) = halves
-    e_a, e_b = a_1 - a_2, b_1 - b_2
-
-    def cos(u: Tensor, v: Tensor) -> float:
-        return float(cosine_matrix(torch.stack([u, v]))[0, 1])
-
-    return {"self_a": cos(a_1, a_2), "self_b": cos(b_1, b_2), "null_ab": cos(g_a, e_b), "null_ba": cos(e_a, g_b)}
-
-
-def track_gradient_conflict(
-    model: nn.Module,
-    train: MultiTaskDataset,
-    task_a: str,
-    task_b: str,
-    *,
-    epochs: int = 6,
-    lr: float = 1e-3,
-    batch_size: int = 128,
-    weight_decay: float = 0.01,
-    every: int = 1,
-    seed: int = 0,
-    noise_baseline: bool = False,
-) -> "pd.DataFrame":
-    r"""Train ``model`` on the plain sum of task losses and record, every ``every`` steps, how
-    the tasks' gradients on the shared experts relate.
-
-    A deliberately bare loop (AdamW on all parameters, equal task weights, no schedule) so
-    that every measurement is taken on the very batch, and the very parameters, of the step
-    that follows it. For each measured step, with :math:`G` from :func:`task_gradients` on
-    ``model.shared_parameters()`` and :math:`s = \sum_j g_j` over all tasks:
-
-    * ``cosine``: :math:`\cos(g_a, g_b)`;
-    * ``norm_a``, ``norm_b``: :math:`\lVert g_a \rVert`, :math:`\lVert g_b \rVert`;
-    * ``harms_a``, ``harms_b``: :math:`\langle s, g_a \rangle < 0` (resp. :math:`g_b`), i.e.
-      a plain gradient step on the summed loss would raise that task's loss to first order;
-    * ``loss_a``, ``loss_b``: the two task losses on the batch.
-
-    With ``noise_baseline=True`` the batch is also cut into two disjoint halves
-    (:func:`mtlbook.diagnose.noise.split_batch`), each task's gradient is taken on both,
-    :math:`g^A, g^B`, and with the noise-only difference :math:`e = g^A - g^B` the step adds
-
-    * ``self_a``, ``self_b``: :math:`\cos(g_a^A, g_a^B)`, the same task on two halves;
-    * ``null_ab``, ``null_ba``: :math:`\cos(g_a, e_b)` and :math:`\cos(e_a, g_b)`, the pair's
-      cosine when one task carries only its noise (the null of
-      :func:`mtlbook.diagnose.noise.noise_thresholds`).
-
-    These extra passes run under a forked RNG and never touch ``.grad``, so training and the
-    other columns are exactly those of ``noise_baseline=False``.
-
-    Returns a DataFrame with columns ``step``, ``epoch`` and the fields above.
-    """
-    import pandas as pd
-
-    train = _check_dataset(train, "train")
-    task_a = _check_task(train, task_a, "task_a")
-    task_b = _check_task(train, task_b, "task_b")
-    if tuple(model.task_names) != tuple(train.task_names):
-        raise ValueError(f"the model's tasks {model.task_names} must equal the dataset's {train.task_names}")
-    epochs = _check_int(epochs, "epochs", 1)
-    every = _check_int(every, "every", 1)
-    seed = _check_int(seed, "seed", 0)
-    if not isinstance(noise_baseline, bool):
-        raise TypeError(f"noise_baseline must be a bool, got {type(noise_baseline).__name__}")
-    ia, ib = train.task_names.index(task_a), train.task_names.index(task_b)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=_check_positive(lr, "lr"), weight_decay=weight_decay)
-    shared = list(model.shared_parameters())
-    model.train()
-    rows, step = [], 0
-    for epoch in range(epochs):
-        # a fresh, seeded shuffle per epoch: the same batches whatever ran before
-        for batch in make_loader(train, batch_size=_check_int(batch_size, "batch_size", 1), shuffle=True, seed=seed + epoch):
-            losses = task_losses(model(batch.inputs), batch, train.task_specs)
-            if step % every == 0:
-                grads = task_gradients(losses, shared)
-                total = grads.sum(dim=0)
-                g_a, g_b = grads[ia], grads[ib]
-                rows.append({
-                    "step": step, "epoch": epoch,
-                    "cosine": float(cosine_matrix(torch.stack([g_a, g_b]))[0, 1]),
-                    "norm_a": float(g_a.norm()), "norm_b": float(g_b.norm()),
-                    "harms_a": bool(total @ g_a < 0), "harms_b": bool(total @ g_b < 0),
-                    "loss_a": float(losses[ia].detach()), "loss_b": float(losses[ib].detach()),
-                })  # fmt: skip
-                if noise_baseline:
-                    rows[-1].update(_half_batch_cosines(model, batch, train.task_specs, shared, ia, ib, g_a, g_b))
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            step += 1
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- figures
-def plot_gate_utilisation(table: "pd.DataFrame", ax: "Axes", *, title: str | None = None, annotate: bool = True) -> "Axes":
-    """Heatmap of a :func:`gate_utilisation` table: one row per gate, one column per expert.
-
-    Experts a gate cannot see (a task gate in PLE sees only the shared experts and its own)
-    are left blank, so the picture also shows each architecture's wiring.
-    """
-    if not {"gate", "expert", "weight"} <= set(getattr(table, "columns", ())):
-        raise ValueError("table must be a DataFrame with columns gate, expert, weight (see gate_utilisation)")
-    gates = list(dict.fromkeys(table["gate"]))
-    experts = list(dict.fromkeys(table["expert"]))
-    # shared experts first, then the others in order of appearance
-    experts = [e for e in experts if e.startswith("shared")] + [e for e in experts if not e.startswith("shared")]
-    grid = np.full((len(gates), len(experts)), np.nan)
-    for gate, expert, weight in zip(table["gate"], table["expert"], table["weight"]):
-        grid[gates.index(gate), experts.index(expert)] = weight
-    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(gates)), gates, fontsize=8)
-    if annotate:
-        for i in range(len(gates)):
-            for j in range(len(experts)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="black" if grid[i, j] > 0.6 else "white")  # fmt: skip
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
-    return ax
-
-
-_COLORS = {"input": "#d9d9d9", "shared": "#9ecae1", "task_a": "#fdae6b", "task_b": "#a1d99b", "gate": "#fff7bc"}
-
-
-def _box(ax: "Axes", x: float, y: float, w: float, h: float, text: str, kind: str) -> None:
-    from matplotlib.patches import FancyBboxPatch
-
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.05",
-                                facecolor=_COLORS[kind], edgecolor="black", linewidth=0.8))  # fmt: skip
-    ax.text(x, y, text, ha="center", va="center", fontsize=8)
-
-
-def _arrow(ax: "Axes", start: tuple[float, float], end: tuple[float, float], dashed: bool = False) -> None:
-    ax.annotate("", xy=end, xytext=start, arrowprops={
-        "arrowstyle": "->", "linewidth": 0.7, "color": "0.3", "linestyle": "--" if dashed else "-",
-        "shrinkA": 2, "shrinkB": 2,
-    })  # fmt: skip
-
-
-def _draw_shared_bottom(ax: "Axes") -> None:
-    _box(ax, 2.0, 0.5, 1.6, 0.5, "input x", "input")
-    _box(ax, 2.0, 2.0, 2.2, 0.6, "shared bottom B", "shared")
-    for x, kind, label in ((1.2, "task_a", "A"), (2.8, "task_b", "B")):
-        _arrow(ax, (2.0, 2.3), (x, 4.1))
-        _box(ax, x, 4.4, 1.0, 0.6, f"tower {label}", kind)
-        _box(ax, x, 5.6, 0.8, 0.45, f"$y_{label}$", kind)
-        _arrow(ax, (x, 4.7), (x, 5.38))
-    _arrow(ax, (2.0, 0.75), (2.0, 1.7))
-
-
-def _draw_mmoe(ax: "Axes") -> None:
-    _box(ax, 2.0, 0.5, 1.6, 0.5, "input x", "input")
-    for i, x in enumerate((0.9, 1.65, 2.4, 3.15)):
-        _box(ax, x, 2.0, 0.62, 0.6, f"$E_{i + 1}$", "shared")
-        _arrow(ax, (2.0, 0.75), (x, 1.7))
-    for x, kind, label in ((1.2, "task_a", "A"), (2.8, "task_b", "B")):
-        _box(ax, x, 3.2, 1.1, 0.45, f"gate $g_{label}$", "gate")
-        _arrow(ax, (2.0, 0.75), (x + (0.6 if x < 2 else -0.6), 2.98), dashed=True)
-        _box(ax, x, 4.4, 1.0, 0.6, f"tower {label}", kind)
-        _box(ax, x, 5.6, 0.8, 0.45, f"$y_{label}$", kind)
-        _arrow(ax, (x, 3.42), (x, 4.1))
-        _arrow(ax, (x, 4.7), (x, 5.38))
-    for x in (0.9, 1.65, 2.4, 3.15):
-        for gx in (1.2, 2.8):
-            _arrow(ax, (x, 2.3), (gx, 2.98))
-
-
-def _draw_ple(ax: "Axes") -> None:
-    _box(ax, 2.0, 0.35, 1.6, 0.4, "input x", "input")
-    columns = ((0.75, "task_a", "$T_A$"), (2.0, "shared", "$S$"), (3.25, "task_b", "$T_B$"))
-    for level, y in enumerate((1.45, 3.25)):
-        for x, kind, label in columns:
-            _box(ax, x, y, 0.8, 0.5, f"{label}$^{{({level})}}$", kind)
-        gates = (("$g_A$", 0.75), ("$g_S$", 2.0), ("$g_B$", 3.25)) if level == 0 else (("$g_A$", 0.75), ("$g_B$", 3.25))
-        for label, x in gates:
-            _box(ax, x, y + 0.8, 0.7, 0.36, label, "gate")
-        # task gate: own experts + shared; shared gate: every expert of the level
-        _arrow(ax, (0.75, y + 0.25), (0.75, y + 0.62))
-        _arrow(ax, (2.0, y + 0.25), (0.95, y + 0.62))
-        _arrow(ax, (3.25, y + 0.25), (3.25, y + 0.62))
-        _arrow(ax, (2.0, y + 0.25), (3.05, y + 0.62))
-        if level == 0:
-            for x in (0.75, 3.25):
-                _arrow(ax, (x, y + 0.25), (2.0 + (x - 2.0) * 0.15, y + 0.62))
-            _arrow(ax, (2.0, y + 0.25), (2.0, y + 0.62))
-            for x, _, _ in columns:
-                _arrow(ax, (x, y + 0.98), (x, 3.0))
-        else:
-            for x, kind, label in ((0.75, "task_a", "A"), (3.25, "task_b", "B")):
-                _box(ax, x, 4.95, 1.0, 0.5, f"tower {label}", kind)
-                _box(ax, x, 5.8, 0.8, 0.4, f"$y_{label}$", kind)
-                _arrow(ax, (x, y + 0.98), (x, 4.7))
-                _arrow(ax, (x, 5.2), (x, 5.6))
-    for x, _, _ in columns:
-        _arrow(ax, (2.0, 0.55), (x, 1.2))
-
-
-def draw_architectures(fig: "Figure | None" = None) -> "Figure":
-    """Block diagrams of Shared-Bottom, MMoE and a two-level PLE for two tasks A and B.
-
-    Blue boxes are shared experts (their parameters are :math:`\\theta_s`), orange and green
-    boxes belong to one task, yellow boxes are softmax gates (dashed arrow: the gate's input).
-    Returns the figure (a new 3-panel one unless ``fig`` is given).
-    """
-    if fig is None:
-        from mtlbook.viz.frames import new_figure
-
-        fig, _ = new_figure(900, 380, ncols=3)
-    axes = fig.axes if fig.axes else fig.subplots(1, 3)
-    if len(axes) < 3:
-        raise ValueError("fig must have at least three axes (or none)")
-    for ax, draw, title in zip(axes, (_draw_shared_bottom, _draw_mmoe, _draw_ple), ("Shared-Bottom", "MMoE", "PLE (2 levels)")):
-        draw(ax)
-        ax.set_xlim(0.0, 4.0)
-        ax.set_ylim(0.0, 6.2)
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.01, wspace=0.05)
-    return fig
+# the gradient experiments and the figures live in their own modules; re-exported here
+from mtlbook.experiments.family_gradients import gradient_cosine, task_gradients, track_gradient_conflict  # noqa: E402
+from mtlbook.experiments.family_plots import draw_architectures, plot_gate_utilisation  # noqa: E402

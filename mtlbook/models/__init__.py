@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from torch import nn
+
+from mtlbook._checks import check_registration
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models.banks import EXPERT_MODES, ExpertBank, GateBank, TowerBank, from_bank, to_bank
 from mtlbook.models.base import MultiTaskModel
@@ -45,6 +48,16 @@ MODELS: dict[str, type[MultiTaskModel]] = {
     "ple": PLE,
     "block_cgc": BlockAttentionCGC,
 }
+
+
+def register_model(name: str, cls: type) -> None:
+    """Add a model class to :data:`MODELS` under ``name`` (``build_model(name, ...)`` then builds
+    it). The class takes ``(n_features, task_specs, **kwargs)`` and has the multi-task
+    interface (see ``mtlbook.train.inputs.REQUIRED_MODEL_API``)."""
+    check_registration(name, MODELS, "model", cls, callable_value=False)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
+    MODELS[name] = cls
 
 
 def build_model(kind: str, n_features: int, task_specs: Sequence[TaskSpec], **kwargs) -> MultiTaskModel:
@@ -75,6 +88,7 @@ __all__ = [
     "TaskTower",
     "block_scales",
     "build_model",
+    "register_model",
     "concat_blocks",
     "from_bank",
     "mix_experts",

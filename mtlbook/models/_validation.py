@@ -9,16 +9,13 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from mtlbook import _checks
 from mtlbook.data.batch import TaskSpec, check_task_specs
 
 
 def check_int(value: object, name: str, minimum: int) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    return _checks.check_int(value, name, minimum, wrong_type=TypeError)
 
 
 def check_widths(value: object, name: str) -> tuple[int, ...]:

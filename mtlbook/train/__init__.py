@@ -1,4 +1,5 @@
-"""Training: the two-phase PLE + adaTT trainer, its config, schedules, checkpoints and history (ch. 7).
+"""Training: the two-phase PLE + adaTT trainer, its loss pipeline, callbacks, config, schedules,
+checkpoints and history (ch. 7).
 
 Typical use::
 
@@ -12,6 +13,7 @@ Plots of a :class:`History` live in :mod:`mtlbook.train.plots` (imported on dema
 matplotlib is not loaded by ``import mtlbook.train``).
 """
 
+from mtlbook.train.callbacks import Callback
 from mtlbook.train.checkpoint import CheckpointError, atomic_save, load_file
 from mtlbook.train.config import AMP_MODES, BALANCER_NAMES, TrainerConfig
 from mtlbook.train.history import History
@@ -22,6 +24,7 @@ from mtlbook.train.trainer import EarlyStopping, Trainer, TrainingDivergedError,
 __all__ = [
     "AMP_MODES",
     "BALANCER_NAMES",
+    "Callback",
     "CheckpointError",
     "EarlyStopping",
     "History",

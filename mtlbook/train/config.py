@@ -21,6 +21,7 @@ from typing import Any, KeysView, Mapping
 
 import torch
 
+from mtlbook._checks import fail
 from mtlbook.balancing import BALANCERS
 from mtlbook.losses import LOSSES
 
@@ -56,7 +57,7 @@ CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_un
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
-    raise ValueError(f"TrainerConfig.{field_name} must be {expected}, got {value!r}")
+    fail(f"TrainerConfig.{field_name}", expected, value)
 
 
 def _is_int(value: Any) -> bool:

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from mtlbook.adatt.affinity import cosine_matrix
+from mtlbook.gradients import cosine_matrix
 
 __all__ = [
     "DistributedContext",

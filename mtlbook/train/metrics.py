@@ -19,13 +19,15 @@ mask and ignores rows marked False.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from mtlbook._checks import check_mask, check_registration
 from mtlbook.data.batch import TaskSpec
 
-__all__ = ["METRIC_FOR_KIND", "accuracy", "binary_auc", "rmse", "task_metric"]
+__all__ = ["METRICS", "METRIC_FOR_KIND", "accuracy", "binary_auc", "mse", "register_metric", "rmse", "task_metric"]
 
 #: The metric reported for each task kind (contrastive tasks report their loss only).
 METRIC_FOR_KIND: dict[str, str | None] = {
@@ -41,8 +43,7 @@ def _select(values: Tensor, present: Tensor | None, name: str) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
     if present is None:
         return values
-    if not isinstance(present, Tensor) or present.dtype != torch.bool or present.shape != values.shape[:1]:
-        raise ValueError(f"present must be a bool tensor of shape [{values.shape[0]}]")
+    present = check_mask(present, values.shape[0], per="row", wrong_type=ValueError)
     return values[present.to(values.device)]
 
 
@@ -87,6 +88,12 @@ def rmse(predictions: Tensor, targets: Tensor, present: Tensor | None = None) ->
     return float(torch.sqrt(torch.mean((predictions - targets) ** 2)))
 
 
+def mse(predictions: Tensor, targets: Tensor, present: Tensor | None = None) -> float:
+    """Mean squared error over present rows (NaN when no row is present); :func:`rmse` squared."""
+    value = rmse(predictions, targets, present)
+    return value * value
+
+
 def accuracy(logits: Tensor, labels: Tensor, present: Tensor | None = None) -> float:
     """Share of present rows whose arg-max over ``logits [n, k]`` equals ``labels [n]``."""
     logits = _select(logits, present, "logits").detach()
@@ -98,13 +105,20 @@ def accuracy(logits: Tensor, labels: Tensor, present: Tensor | None = None) -> f
     return float((logits.argmax(dim=1) == labels.long()).double().mean())
 
 
+#: Every per-task metric by name: ``(outputs, targets, present) -> float``. Higher is better
+#: for ``auc`` and ``accuracy``, lower for ``rmse`` and ``mse``.
+METRICS: dict[str, Callable[..., float]] = {"auc": binary_auc, "rmse": rmse, "mse": mse, "accuracy": accuracy}
+
+
+def register_metric(name: str, metric: Callable[..., float]) -> None:
+    """Add ``metric`` ``(outputs, targets, present) -> float`` to :data:`METRICS` under ``name``."""
+    check_registration(name, METRICS, "metric", metric)
+    METRICS[name] = metric
+
+
 def task_metric(spec: TaskSpec, outputs: Tensor, targets: Tensor, present: Tensor | None = None) -> float | None:
     """The metric of :data:`METRIC_FOR_KIND` for one task (``None`` for contrastive tasks)."""
     metric = METRIC_FOR_KIND[spec.kind]
     if metric is None:
         return None
-    if metric == "auc":
-        return binary_auc(outputs, targets, present)
-    if metric == "rmse":
-        return rmse(outputs, targets, present)
-    return accuracy(outputs, targets, present)
+    return METRICS[metric](outputs, targets, present)

@@ -27,6 +27,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from mtlbook._checks import check_mask
 from mtlbook.adatt import AdaptiveTaskTransfer
 
 from .frames import new_figure
@@ -117,8 +118,7 @@ def transfer_pipeline(module: AdaptiveTaskTransfer, present: Tensor | Sequence[b
     n = module.n_tasks
     with torch.no_grad():
         mask = torch.ones(n, dtype=torch.bool) if present is None else torch.as_tensor(present)
-        if mask.dtype != torch.bool or mask.shape != (n,):
-            raise ValueError(f"present must be a bool tensor of shape [{n}]")
+        check_mask(mask, n, wrong_type=ValueError)
         affinity = module.affinity.float()
         logits = module.W.detach().clone().float()
         prior = module.prior.detach().clone().float()
