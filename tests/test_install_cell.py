@@ -130,3 +130,4 @@ def test_no_repository_url_is_written_anywhere_but_the_config():
             for hit in re.findall(r"(?:git\+https?://\S+|https?://github\.com/[\w.-]+/[\w.-]+)", text):
                 offenders.append(f"{path.name}: {hit}")
     assert not offenders, f"repository URLs outside _config.yml: {offenders}"
+
