@@ -62,3 +62,13 @@ def test_figures_are_numbered_captioned_and_referenced(chapter):
         assert figure.get("name", "").startswith("fig-"), f"{chapter.name} cell {cell.get('id')}: no figure name"
         assert len(image.get("alt", "")) > 30, f"{chapter.name} cell {cell.get('id')}: no alt text"
         assert "{numref}`" + figure["name"] + "`" in text, f"{chapter.name}: the text never refers to {figure['name']}"
+
+
+@pytest.mark.parametrize("chapter", STYLED, ids=lambda p: p.stem)
+def test_setup_cell_is_folded_and_applies_the_book_style(chapter):
+    """The imports and settings at the top of a chapter fold away; they apply the book's
+    figure style (mtlbook.viz.style)."""
+    nb = nbformat.read(chapter, as_version=4)
+    setup = [c for c in nb.cells if c.cell_type == "code" and "use_book_style()" in c.source]
+    assert len(setup) == 1, f"{chapter.name}: the setup cell must call use_book_style() once"
+    assert "hide-input" in setup[0].metadata.get("tags", [])
