@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import sys
 import time
 import traceback
@@ -32,7 +33,8 @@ def execute(path: str, timeout: int) -> dict:
                        resources={"metadata": {"path": str(Path(path).parent)}}).execute()
         error = None
     except Exception as exc:  # the cell's traceback is in the exception text
-        error = f"{type(exc).__name__}: {exc}"[-4000:] or traceback.format_exc()[-4000:]
+        # the cell's traceback without terminal colours
+        error = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")[-4000:] or traceback.format_exc()[-4000:]
     nbformat.write(nb, path)
     return {"notebook": Path(path).name, "ok": error is None,
             "seconds": round(time.perf_counter() - started, 1), "error": error}
