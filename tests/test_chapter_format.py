@@ -72,3 +72,13 @@ def test_setup_cell_is_folded_and_applies_the_book_style(chapter):
     setup = [c for c in nb.cells if c.cell_type == "code" and "use_book_style()" in c.source]
     assert len(setup) == 1, f"{chapter.name}: the setup cell must call use_book_style() once"
     assert "hide-input" in setup[0].metadata.get("tags", [])
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_no_tex_command_eaten_by_an_escape(chapter):
+    """A tab in the prose is a \\t of TeX (\\text, \\tau, \\theta) that a Python string turned
+    into a control character: MathJax then shows "extadaTT"."""
+    nb = nbformat.read(chapter, as_version=4)
+    bad = [c.source[max(0, k - 20):k + 10] for c in nb.cells if c.cell_type == "markdown"
+           for k in [c.source.find("\t")] if k >= 0]
+    assert not bad, f"{chapter.name}: tab characters in the text: {bad[:3]}"
