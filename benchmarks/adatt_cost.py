@@ -51,7 +51,7 @@ Usage::
 
     python benchmarks/adatt_cost.py                 # full run (< 3 min on 2 CPU cores)
     python benchmarks/adatt_cost.py --quick         # seconds: a smoke run
-    python benchmarks/adatt_cost.py --copy-to book/data/adatt_cost.csv
+    python benchmarks/adatt_cost.py --copy-to mtlbook/tables/adatt_cost.csv
 """
 
 from __future__ import annotations

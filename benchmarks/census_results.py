@@ -1,10 +1,10 @@
-"""Train chapter 3's census-income cells and store the tables in book/data/.
+"""Train chapter 3's census-income cells and store the tables in mtlbook/tables/.
 
 Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
 
     MTLBOOK_DATA=../shared/data nice -n 10 .venv/bin/python benchmarks/census_results.py --seeds 3
 
-Writes ``book/data/census_two_task.csv`` and ``book/data/census_many_task.csv`` (one row per
+Writes ``mtlbook/tables/census_two_task.csv`` and ``mtlbook/tables/census_many_task.csv`` (one row per
 cell and task; see :mod:`mtlbook.experiments.census_study`). Cells already stored are skipped,
 so the run can be stopped and resumed; cells run seed by seed, one CPU thread each.
 """
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES))
-    parser.add_argument("--out", type=Path, default=ROOT / "book" / "data", help="output folder")
+    parser.add_argument("--out", type=Path, default=ROOT / "mtlbook" / "tables", help="output folder")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     print(f"settings: {SETTINGS}", flush=True)

@@ -11,7 +11,7 @@ Usage (from the repository root, with C-MAPSS under $MTLBOOK_DATA)::
     MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/ch2_horizon.py            # 30 epochs, 5 seeds
     MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/ch2_horizon.py --seeds 3 --epochs 30
 
-The table goes to ``book/data/ch2_horizon.csv`` unless ``--out`` says otherwise. Each run
+The table goes to ``mtlbook/tables/ch2_horizon.csv`` unless ``--out`` says otherwise. Each run
 trains on one CPU thread; the whole default run is a few minutes of CPU time.
 
 ``--new-task`` runs chapter 2's exercise 2 instead, over the same seeds: the health label is
@@ -20,7 +20,7 @@ training inputs (a label the inputs predict but RUL does not), and the model tra
 epochs with equal weights, with the new task alone and with weight 100 on it. One row per
 (setting, seed): the new task's validation accuracy, the RUL error, and the accuracy of a
 linear probe on the trunk's outputs (plus the probe on an untrained trunk of the same seed).
-It goes to ``book/data/ch2_new_task.csv``.
+It goes to ``mtlbook/tables/ch2_new_task.csv``.
 """
 
 from __future__ import annotations
@@ -122,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument("--new-task", action="store_true", help="run exercise 2's new-task case (10 epochs by default)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="CSV path (default: book/data/ch2_horizon.csv, or ch2_new_task.csv with --new-task)")
+                        help="CSV path (default: mtlbook/tables/ch2_horizon.csv, or ch2_new_task.csv with --new-task)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.seeds < 1:
         raise ValueError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
     if args.new_task:
         epochs = 10 if args.epochs == 30 else args.epochs  # the exercise's horizon unless told otherwise
-        args.out = args.out or ROOT / "book" / "data" / "ch2_new_task.csv"
+        args.out = args.out or ROOT / "mtlbook" / "tables" / "ch2_new_task.csv"
         table = run_new_task(epochs, list(range(args.seeds)))
     else:
-        args.out = args.out or ROOT / "book" / "data" / "ch2_horizon.csv"
+        args.out = args.out or ROOT / "mtlbook" / "tables" / "ch2_horizon.csv"
         table = run(args.epochs, list(range(args.seeds)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False, float_format="%.6g")

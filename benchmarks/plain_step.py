@@ -25,7 +25,7 @@ matmuls the counter sees, where the module form's ``mul`` + ``sum`` are not coun
 uses the module form's count for both.
 
     .venv/bin/python benchmarks/plain_step.py --quick                      # smoke run
-    nice .venv/bin/python benchmarks/plain_step.py                         # writes book/data/plain_step.csv
+    nice .venv/bin/python benchmarks/plain_step.py                         # writes mtlbook/tables/plain_step.csv
 
 Nothing asserts on these timings.
 """

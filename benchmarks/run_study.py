@@ -8,12 +8,12 @@ Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
     # the other (conflict suite first), then the baselines on the conflict suite
     for data in suite_conflict suite_benign census; do
       MTLBOOK_DATA=../shared/data nice .venv/bin/python benchmarks/run_study.py --size small \
-          --configs primary --seeds 20 --datasets $data --n-jobs 3 --out book/data/study_verdict.csv
+          --configs primary --seeds 20 --datasets $data --n-jobs 3 --out mtlbook/tables/study_verdict.csv
     done
     MTLBOOK_DATA=../shared/data nice .venv/bin/python benchmarks/run_study.py --size small \
-        --configs secondary --seeds 20 --datasets suite_conflict --n-jobs 3 --out book/data/study_verdict.csv
+        --configs secondary --seeds 20 --datasets suite_conflict --n-jobs 3 --out mtlbook/tables/study_verdict.csv
 
-The table goes to ``book/data/study_<size>.csv`` unless ``--out`` says otherwise. The run
+The table goes to ``mtlbook/tables/study_<size>.csv`` unless ``--out`` says otherwise. The run
 can be stopped and started again: finished cells are read back from the file and skipped,
 failed cells are tried again (``--keep-failed`` leaves them alone). Every cell trains on one
 CPU thread; ``--n-jobs`` runs that many cells at once in separate processes (joblib's
@@ -57,7 +57,7 @@ GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "all": CON
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="small", help="grid size (default: small)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: book/data/study_<size>.csv)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: mtlbook/tables/study_<size>.csv)")
     parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES + tuple(GROUPS), default=["all"],
                         help="config names or groups (primary, secondary, all; default: all)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler is not None and args.backend != "dask":
         parser.error("--scheduler needs --backend dask")
 
-    out = args.out or ROOT / "book" / "data" / f"study_{args.size}.csv"
+    out = args.out or ROOT / "mtlbook" / "tables" / f"study_{args.size}.csv"
     seeds = None if args.seeds is None else list(range(args.seeds))
     configs = list(dict.fromkeys(name for item in args.configs for name in GROUPS.get(item, (item,))))
     started = time.perf_counter()

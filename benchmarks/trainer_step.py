@@ -47,7 +47,7 @@ sources' claim that measuring with ``retain_graph`` takes "about 2x the forward 
 
 Usage::
 
-    python benchmarks/trainer_step.py           # full run, writes book/data/trainer_step.csv
+    python benchmarks/trainer_step.py           # full run, writes mtlbook/tables/trainer_step.csv
     python benchmarks/trainer_step.py --quick   # a few seconds, writes nothing
     python benchmarks/trainer_step.py --csv other.csv --tasks 4 8 --rounds 9
 """
@@ -93,7 +93,7 @@ CSV_COLUMNS = (
     "step_measured", "peak_kib", "peak_ratio", "forward_peak_kib", "peak_over_forward",
     "batch_size", "block_steps", "rounds", "threads", "device", "torch",
 )  # fmt: skip
-DEFAULT_CSV = Path(__file__).resolve().parent.parent / "book" / "data" / "trainer_step.csv"
+DEFAULT_CSV = Path(__file__).resolve().parent.parent / "mtlbook" / "tables" / "trainer_step.csv"
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:

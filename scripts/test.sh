@@ -23,7 +23,9 @@ run_step() {
 }
 
 run_step "installed packages = requirements.lock (pip freeze)" .venv/bin/python scripts/lockcheck.py
-run_step "unit tests" "${PYTEST[@]}" tests -m "not browser" -q
+run_step "unit tests" "${PYTEST[@]}" tests -m "not browser and not wheel" -q
+# a wheel installed (not editable) into a fresh venv outside the repository runs every chapter
+run_step "chapters from the wheel, outside the repository" "${PYTEST[@]}" tests -m wheel -q
 shopt -s nullglob
 notebooks=(book/*.ipynb)
 if [ ${#notebooks[@]} -gt 0 ]; then

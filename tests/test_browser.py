@@ -3,7 +3,8 @@ typeset and explorers respond with no kernel.
 
 Run after ``make book`` (``make test`` does it in that order). They drive Debian's headless
 Chromium through Playwright and skip, with the reason, when the browser is not installed.
-Screenshots land in ``_build/screenshots/`` for people to look at.
+Screenshots land in ``_build/html/_screenshots/`` (part of the build output) for people to look
+at: every chapter at 390 and 1280 px, the first screen and the whole page.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
-SHOTS = ROOT / "_build" / "screenshots"
+SHOTS = HTML / "_screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 # Pages with explorers: (page path, how many explorers at least).
@@ -37,6 +38,12 @@ EXPLORER_PAGES = [
 ]
 # Pages whose math must be typeset (every chapter and the math appendix).
 MATH_PAGES = [p for p, _ in EXPLORER_PAGES] + ["book/08_does_adatt_help.html", "book/appendix_math.html"]
+# Every executed chapter (the pages with figures).
+CHAPTER_PAGES = sorted(f"book/{nb.stem}.html" for nb in (ROOT / "book").glob("*.ipynb"))
+# Pages whose explorers need a running kernel (mtlbook.viz.live_explorer).
+LIVE_EXPLORER_PAGES = ["book/01_toy_simulator.html", "book/06_select_and_regulate.html"]
+# Smallest displayed scale of a figure at 1280 px (mtlbook.viz.style.MIN_SCALE).
+MIN_FIGURE_SCALE = 0.75
 
 
 def _toc_pages() -> list[str]:
@@ -211,9 +218,21 @@ def test_math_is_typeset(browser, site_url, path):
     page.close()
 
 
+# Every explorer inside the article column: its right edge, its frames' and its readouts'.
+_EXPLORER_FIT_JS = """el => {
+  const right = document.querySelector('article.bd-article').getBoundingClientRect().right + 1;
+  const parts = [el, ...el.querySelectorAll('img, .widget-readout, .noUi-target')];
+  return parts.filter(p => p.getBoundingClientRect().width > 0 && p.getBoundingClientRect().right > right)
+              .map(p => `${p.className || p.tagName} ${Math.round(p.getBoundingClientRect().right)} > ${Math.round(right)}`);
+}"""
+
+
+@pytest.mark.parametrize("width", [1280, 390])
 @pytest.mark.parametrize("path,n_explorers", EXPLORER_PAGES)
-def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
-    page, _ = _open(browser, f"{site_url}/{path}")
+def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers, width):
+    """Every slider of every static explorer switches the frame, at 1280 px and on a phone,
+    and the explorer (frames and readouts) fits the column."""
+    page, _ = _open(browser, f"{site_url}/{path}", width=width)
     page.wait_for_selector(".jupyter-widgets .noUi-handle", timeout=30000)
     explorers = page.locator(".mtlbook-explorer")
     assert explorers.count() >= n_explorers, "explorer widgets are not displayed"
@@ -221,6 +240,13 @@ def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
     for k in range(explorers.count()):
         explorer = explorers.nth(k)
         explorer.scroll_into_view_if_needed()
+        sticking = explorer.evaluate(_EXPLORER_FIT_JS)
+        assert not sticking, f"explorer {k} on {path} does not fit the column at {width} px: {sticking[:3]}"
+        readouts = explorer.locator(".widget-readout")
+        for r in range(readouts.count()):
+            box = readouts.nth(r).bounding_box()
+            assert box and box["width"] > 0 and box["x"] + box["width"] <= width, (
+                f"readout {r} of explorer {k} on {path} is off screen at {width} px")
         handles = explorer.locator(".noUi-handle")
         for h in range(handles.count()):  # every slider of the explorer must switch the figure
             before = _visible_explorer_images(page, explorer)
@@ -237,7 +263,71 @@ def test_explorer_slider_changes_figure(browser, site_url, path, n_explorers):
             assert after and after != before, (
                 f"moving slider {h} of explorer {k} on {path} did not change the figure"
             )
-        explorer.screenshot(path=str(SHOTS / f"{Path(path).stem}-explorer{k}.png"))
+        explorer.screenshot(path=str(SHOTS / f"{Path(path).stem}-explorer{k}-{width}.png"))
+    page.close()
+
+
+@pytest.mark.parametrize("path", LIVE_EXPLORER_PAGES)
+def test_live_explorers_say_they_need_a_kernel(browser, site_url, path):
+    """In the static page a live explorer's picture never changes: it says so, visibly, above
+    its controls (also on a phone)."""
+    page, _ = _open(browser, f"{site_url}/{path}", width=390)
+    page.wait_for_selector(".jupyter-widgets", timeout=30000)
+    live = page.locator(".mtlbook-live-explorer")
+    assert live.count() >= 1, f"no live explorer on {path}"
+    for k in range(live.count()):
+        note = live.nth(k).locator(".mtlbook-live-note")
+        note.scroll_into_view_if_needed()
+        assert note.is_visible() and "running Python kernel" in note.inner_text()
+        assert not live.nth(k).evaluate(_EXPLORER_FIT_JS), f"live explorer {k} on {path} sticks out at 390 px"
+    page.close()
+
+
+# Displayed scale (CSS width / pixel width) and alt text of every figure in the article.
+_FIGURES_JS = """() => [...document.querySelectorAll('article.bd-article img')]
+  .filter(i => i.naturalWidth > 0 && i.getBoundingClientRect().width > 0)
+  .map(i => ({src: i.src.split('/').pop().slice(0, 60), natural: i.naturalWidth,
+              shown: i.getBoundingClientRect().width, alt: i.alt || '',
+              caption: !!i.closest('figure') && !!i.closest('figure').querySelector('figcaption'),
+              explorer: !!i.closest('.jupyter-widgets')}))"""
+
+
+@pytest.mark.parametrize("path", CHAPTER_PAGES)
+def test_figures_display_at_a_readable_scale(browser, site_url, path):
+    """At 1280 px no figure is shrunk below MIN_FIGURE_SCALE (its text would be too small to
+    read); every figure outside an explorer is numbered with a caption and has alt text that
+    describes it (not a file name)."""
+    page, _ = _open(browser, f"{site_url}/{path}")
+    page.evaluate("() => Promise.all([...document.images].map(i => i.decode().catch(() => null)))")
+    figures = page.evaluate(_FIGURES_JS)
+    assert figures, f"no figure on {path}"
+    small = [f"{f['src']} {f['shown'] / f['natural']:.2f}x" for f in figures if f["shown"] / f["natural"] < MIN_FIGURE_SCALE]
+    print(f"{path}: min scale {min(f['shown'] / f['natural'] for f in figures):.2f} over {len(figures)} images")
+    assert not small, f"figures displayed below {MIN_FIGURE_SCALE}x at 1280 px on {path}: {small}"
+    static = [f for f in figures if not f["explorer"]]
+    uncaptioned = [f["src"] for f in static if not f["caption"]]
+    assert not uncaptioned, f"figures without a numbered caption on {path}: {uncaptioned}"
+    bad_alt = [f["src"] for f in static if len(f["alt"]) < 20 or re.search(r"\.(png|svg|jpe?g)$", f["alt"])]
+    assert not bad_alt, f"figures whose alt text is missing or a file name on {path}: {bad_alt}"
+    page.close()
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+@pytest.mark.parametrize("path", CHAPTER_PAGES)
+def test_screenshots_of_every_chapter(browser, site_url, path, width):
+    """The first screen and the whole page of every chapter at a phone's and a desktop's
+    width, written into the build output (_build/html/_screenshots/) for people to look at."""
+    page, _ = _open(browser, f"{site_url}/{path}", width=width)
+    if page.locator("div.math, span.math").count():
+        page.wait_for_selector("mjx-container", timeout=20000)
+    if page.locator("script[type='application/vnd.jupyter.widget-view+json']").count():
+        page.wait_for_selector(".jupyter-widgets", timeout=30000)
+    page.wait_for_timeout(500)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(path).stem}-{width}"
+    page.screenshot(path=str(SHOTS / f"{stem}-top.png"))
+    page.screenshot(path=str(SHOTS / f"{stem}-full.jpg"), full_page=True, type="jpeg", quality=55)
+    assert (SHOTS / f"{stem}-full.jpg").stat().st_size > 10_000
     page.close()
 
 

@@ -230,6 +230,11 @@ def test_summary_plot_and_findings(model):
     assert set(report.task_summary().index) == {"reg", "cls"}
     fig = report.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 4  # three panels and a colour bar
+    boxes = [ax.get_position() for ax in fig.axes[:3]]
+    assert boxes[0].x0 < boxes[1].x0 < boxes[2].x0, "a wide figure puts the panels side by side"
+    column = report.plot(width=5.6, height=7.2)
+    boxes = [ax.get_position() for ax in column.axes[:3]]
+    assert boxes[0].y0 > boxes[1].y0 > boxes[2].y0, "a column-wide figure stacks them"
     findings = report.findings()
     assert findings and all(isinstance(f, Finding) and re.search(r"\((chapter \d|appendix A\.5)\)\.$", f.text) for f in findings)
 

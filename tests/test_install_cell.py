@@ -4,6 +4,7 @@ and the cell installs only where mtlbook is missing."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,10 @@ CHAPTER = ROOT / "book" / "01_toy_simulator.ipynb"
 def copy(tmp_path):
     nb = tmp_path / CHAPTER.name
     shutil.copy(CHAPTER, nb)
+    # the chapter as it was before the install cell
+    book = nbformat.read(nb, as_version=4)
+    book.cells = [c for c in book.cells if c.get("id") != install_cell.CELL_ID]
+    nbformat.write(book, nb)
     config = tmp_path / "_config.yml"
     config.write_text("title: t\nrepository:\n  url: https://example.org/owner/book/\n  branch: dev\n")
     return nb, config
@@ -91,3 +96,38 @@ def test_bad_config(tmp_path):
     config.write_text("repository:\n  url: github.com/no/scheme\n")
     with pytest.raises(ValueError, match="repository.url"):
         install_cell.repository(config)
+
+
+CHAPTERS = sorted((ROOT / "book").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_every_chapter_opens_with_the_install_cell_of_the_config(chapter):
+    """The first code cell of every chapter is the install cell built from _config.yml's
+    repository (so Colab and Binder launches can run), folded, and prints nothing here."""
+    url, branch = install_cell.repository()
+    nb = nbformat.read(chapter, as_version=4)
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert first_code.get("id") == install_cell.CELL_ID, f"{chapter.name}: run scripts/install_cell.py"
+    assert first_code.source == install_cell.cell_source(url, branch), f"{chapter.name}: stale install cell"
+    assert "hide-input" in first_code.metadata.get("tags", [])
+    assert not first_code.get("outputs"), "where mtlbook is importable the cell must print nothing"
+
+
+def test_no_repository_url_is_written_anywhere_but_the_config():
+    """Install commands and links name the repository only through _config.yml: no chapter,
+    page or script spells another github URL or a git+ requirement of its own."""
+    url, branch = install_cell.repository()
+    allowed = install_cell.cell_source(url, branch)
+    offenders = []
+    for path in [*CHAPTERS, *(ROOT / "book").glob("*.md"), ROOT / "README.md", ROOT / "CONTRIBUTING.md"]:
+        if path.suffix == ".ipynb":
+            nb = nbformat.read(path, as_version=4)
+            texts = [c.source for c in nb.cells if c.source != allowed]
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+        for text in texts:
+            for hit in re.findall(r"(?:git\+https?://\S+|https?://github\.com/[\w.-]+/[\w.-]+)", text):
+                offenders.append(f"{path.name}: {hit}")
+    assert not offenders, f"repository URLs outside _config.yml: {offenders}"
+

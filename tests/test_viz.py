@@ -182,8 +182,11 @@ def test_live_explorer_redraws_with_control_values_and_closes_figures():
 
     controls = {"rho": widgets.FloatLogSlider(value=10.0, min=0, max=3), "optimizer": widgets.Dropdown(options=["sgd", "adam"])}
     box = viz.live_explorer(plot, controls)
-    row, output = box.children
+    note, row, output = box.children
     assert isinstance(output, widgets.Output)
+    # the static page says plainly that the picture needs a kernel
+    assert box.note is note and "running Python kernel" in note.value
+    assert viz_widgets.LIVE_EXPLORER_CLASS in box._dom_classes
     assert list(row.children) == list(controls.values())
     assert box.controls == controls
     box.redraw(rho=3.0, optimizer="adam")

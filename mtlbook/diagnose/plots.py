@@ -10,9 +10,13 @@ __all__ = ["report_figure"]
 
 def report_figure(report, width: float = 12.0, height: float = 3.6) -> Figure:
     """Three panels: norm ratios against the largest task (log scale), each pair's cosines beside
-    its null cosines (grey; the noise threshold in red), and the affinity heatmap."""
+    its null cosines (grey; the noise threshold in red), and the affinity heatmap. Side by side
+    when the figure is at least 8 inches wide, stacked in three rows otherwise (a book column)."""
     fig = Figure(figsize=(width, height), layout="constrained")
-    ax_ratio, ax_cos, ax_aff = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.2, 0.9]})
+    if width >= 8.0:
+        ax_ratio, ax_cos, ax_aff = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.2, 0.9]})
+    else:
+        ax_ratio, ax_cos, ax_aff = fig.subplots(3, 1, gridspec_kw={"height_ratios": [1.0, 1.0, 1.3]})
     names, n = report.task_names, report.n_tasks
     if report.n_batches == 0:
         for ax in (ax_ratio, ax_cos, ax_aff):

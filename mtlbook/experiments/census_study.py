@@ -2,12 +2,12 @@ r"""Chapter 3's census-income tables: two tasks with and without leaks, and many
 
 Two stored tables, written by ``benchmarks/census_results.py`` and read by the chapter:
 
-* **two-task** (``book/data/census_two_task.csv``): Shared-Bottom, MMoE and PLE on the
+* **two-task** (``mtlbook/tables/census_two_task.csv``): Shared-Bottom, MMoE and PLE on the
   papers' pair (``income``, ``never_married``) in three variants (:data:`TWO_TASK_VARIANTS`):
   the papers' inputs, the same without the marital-status proxies (``leak_free=True``), and
   the papers' inputs on a split that keeps identical rows on one side (``dedupe=True``,
   MMoE only: :data:`DEDUPED_MODELS`).
-* **many-task** (``book/data/census_many_task.csv``): the same three models and one
+* **many-task** (``mtlbook/tables/census_many_task.csv``): the same three models and one
   single-task network per task on ``tasks="all"``.
 
 A *cell* is (table, variant, model, seed). Seed :math:`s` sets both the data split

@@ -18,6 +18,8 @@ from typing import Any
 __all__ = ["source_text", "strip_docstrings", "api_href", "show_source"]
 
 DOCSTRING_MODES = ("keep", "strip")
+#: Listings longer than this many lines are shown folded (a "show" summary opens them).
+MAX_UNFOLDED_LINES = 60
 
 
 def source_text(*objects: Any) -> str:
@@ -119,7 +121,7 @@ def _name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def show_source(*objects: Any, docstrings: str = "keep") -> Any:
+def show_source(*objects: Any, docstrings: str = "keep", fold_over: int | None = MAX_UNFOLDED_LINES) -> Any:
     """A syntax-highlighted code block of the objects' source, for display in a notebook.
 
     Returns an :class:`IPython.display.Markdown` object (a fenced ``python`` block), which
@@ -131,6 +133,9 @@ def show_source(*objects: Any, docstrings: str = "keep") -> Any:
         docstrings: ``"keep"`` prints the source as it is; ``"strip"`` prints it without
             docstrings (their reStructuredText would show raw) and adds, under the listing,
             links to the API entries where the docstrings are typeset.
+        fold_over: a listing with more lines than this is folded in a ``<details>`` element
+            whose summary names the objects and the line count (``None``: never folded), so
+            that a long listing does not push the argument off the page.
     """
     from IPython.display import Markdown
 
@@ -138,12 +143,25 @@ def show_source(*objects: Any, docstrings: str = "keep") -> Any:
         raise ValueError(f"docstrings must be one of {DOCSTRING_MODES}, got {docstrings!r}")
     if not objects:
         raise ValueError("show_source needs at least one object")
+    if fold_over is not None and (not isinstance(fold_over, int) or isinstance(fold_over, bool) or fold_over < 1):
+        raise ValueError(f"fold_over must be None or an int >= 1, got {fold_over!r}")
     if docstrings == "keep":
-        return Markdown("```python\n" + source_text(*objects) + "\n```")
+        return Markdown(_listing(source_text(*objects), objects, fold_over))
     code = "\n\n\n".join(strip_docstrings(source_text(obj)) for obj in objects)
     links = []
     for obj in objects:
         href, name = api_href(obj), html.escape(_name(obj))
         links.append(f'<a href="{href}"><code>{name}</code></a>' if href else f"<code>{name}</code>")
     note = "Docstrings, with the math typeset: " + ", ".join(links) + "."
-    return Markdown("```python\n" + code + "\n```\n\n" + note)
+    return Markdown(_listing(code, objects, fold_over) + "\n\n" + note)
+
+
+def _listing(code: str, objects: tuple, fold_over: int | None) -> str:
+    """A fenced python block, inside ``<details>`` when longer than ``fold_over`` lines."""
+    block = "```python\n" + code + "\n```"
+    n_lines = code.count("\n") + 1
+    if fold_over is None or n_lines <= fold_over:
+        return block
+    names = ", ".join(f"<code>{html.escape(_name(obj))}</code>" for obj in objects)
+    return (f'<details class="mtlbook-listing">\n<summary>Show the source of {names} ({n_lines} lines)</summary>\n\n'
+            + block + "\n\n</details>")

@@ -29,10 +29,16 @@ from matplotlib.figure import Figure
 
 from .frames import figure_to_png
 
-__all__ = ["EXPLORER_CLASS", "frame_explorer", "frame_explorer_2d", "live_explorer"]
+__all__ = ["EXPLORER_CLASS", "LIVE_EXPLORER_CLASS", "frame_explorer", "frame_explorer_2d", "live_explorer"]
 
 #: CSS class put on every static explorer's outer box.
 EXPLORER_CLASS = "mtlbook-explorer"
+#: CSS class of a live explorer's outer box (its picture changes only with a running kernel).
+LIVE_EXPLORER_CLASS = "mtlbook-live-explorer"
+#: What a live explorer says above its controls, so that the static page does not look broken.
+LIVE_NOTE = ("<b>Live explorer:</b> the picture is redrawn by a running Python kernel. Open this chapter in "
+             "Jupyter, Colab or Binder (launch buttons at the top) to use it; in the static page the controls "
+             "move but the picture stays as it was computed.")
 
 
 def _labels(values: Sequence[Any], readout_format: str | None, name: str) -> list[str]:
@@ -84,7 +90,8 @@ def _slider(labels: list[str], description: str, index: int) -> widgets.Selectio
         continuous_update=True,
         # one fixed label width, so that stacked sliders line up and long labels are not cut
         style={"description_width": "120px"},
-        layout=widgets.Layout(width="480px"),
+        # as wide as the column allows, up to 480 px: the readout stays on screen on a phone
+        layout=widgets.Layout(width="100%", max_width="480px"),
     )
 
 
@@ -100,7 +107,7 @@ def frame_explorer(
 
     Args:
         render: maps one parameter value to a matplotlib ``Figure`` (closed after rendering).
-            Keep it small, e.g. :func:`mtlbook.viz.frames.new_figure` (480x280 px at 80 dpi).
+            Keep it small, e.g. :func:`mtlbook.viz.frames.new_figure` (480x280 px at 100 dpi).
         values: the parameter grid; one frame each, in slider order.
         description: the slider's label, e.g. ``"ρ"``.
         readout_format: format spec for numeric values in the readout (``None``: ``str``).
@@ -185,8 +192,10 @@ def live_explorer(
     should take < 100 ms (check with :func:`mtlbook.viz.frames.measure_redraw`).
 
     Returns:
-        ``VBox([HBox(controls), output])`` with attributes ``controls`` (the mapping),
-        ``output`` and ``redraw`` (the wrapped callback, callable with keyword values).
+        ``VBox([note, HBox(controls), output])`` with the CSS class ``mtlbook-live-explorer``
+        and attributes ``controls`` (the mapping), ``output``, ``note`` (an HTML widget saying
+        that the picture needs a running kernel) and ``redraw`` (the wrapped callback,
+        callable with keyword values).
     """
     if not isinstance(controls, Mapping) or not controls:
         raise ValueError("controls must be a non-empty mapping of keyword name -> widget")
@@ -206,6 +215,8 @@ def live_explorer(
 
     output = widgets.interactive_output(redraw, dict(controls))
     row = widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
-    box = widgets.VBox([row, output])
-    box.controls, box.output, box.redraw = dict(controls), output, redraw
+    note = widgets.HTML(value=f'<p class="mtlbook-live-note">{LIVE_NOTE}</p>', layout=widgets.Layout(max_width="100%"))
+    box = widgets.VBox([note, row, output], layout=widgets.Layout(max_width="100%"))
+    box.add_class(LIVE_EXPLORER_CLASS)
+    box.controls, box.output, box.redraw, box.note = dict(controls), output, redraw, note
     return box
