@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
-    parser.add_argument("--out", type=Path, default=ROOT / "book" / "data" / "plain_step.csv")
+    parser.add_argument("--out", type=Path, default=ROOT / "mtlbook" / "tables" / "plain_step.csv")
     parser.add_argument("--quick", action="store_true", help="4 tasks, 2 rounds of 2 steps; writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
