@@ -66,7 +66,20 @@ LR_GRID: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
 SEARCH_SEEDS: tuple[int, ...] = (100, 101)
 #: The learning rate chosen for each (configuration, dataset) by :func:`select_lr` on the
 #: committed search table (filled in from ``book/data/study_lr_search.csv``).
-CHOSEN_LR: dict[tuple[str, str], float] = {}
+CHOSEN_LR: dict[tuple[str, str], float] = {
+    ("ple_uw", "census_many"): 0.003,
+    ("ple_uw_adatt", "census_many"): 0.003,
+    ("adatt_lambda0", "census_many"): 0.003,
+    ("ple_uw_freeze", "census_many"): 0.003,
+    ("ple_ls_tuned", "census_many"): 0.003,
+    ("adatt_no_cofreeze", "census_many"): 0.003,
+    ("ple_uw", "cmapss"): 0.01,
+    ("ple_uw_adatt", "cmapss"): 0.01,
+    ("adatt_lambda0", "cmapss"): 0.01,
+    ("ple_uw_freeze", "cmapss"): 0.01,
+    ("ple_ls_tuned", "cmapss"): 0.03,
+    ("adatt_no_cofreeze", "cmapss"): 0.01,
+}
 
 _NAME = re.compile(r"^(?P<config>.+)@lr=(?P<lr>[0-9.eE+-]+)$")
 
