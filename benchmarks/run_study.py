@@ -13,6 +13,15 @@ Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
     MTLBOOK_DATA=../shared/data nice .venv/bin/python benchmarks/run_study.py --size small \
         --configs secondary --seeds 20 --datasets suite_conflict --n-jobs 3 --out mtlbook/tables/study_verdict.csv
 
+The real many-task datasets (``census_many``, ``cmapss``) first get the learning-rate search
+(validation split, search seeds, every configuration the same lrs), then the evaluation at
+the chosen lr (``CHOSEN_LR`` of ``mtlbook.experiments.lr_search``)::
+
+    MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/run_study.py --lr-search \
+        --configs real --datasets census_many cmapss --n-jobs 2 --out mtlbook/tables/study_lr_search.csv
+    MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/run_study.py --lr chosen \
+        --configs real --datasets census_many cmapss --seeds 30 --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+
 The table goes to ``mtlbook/tables/study_<size>.csv`` unless ``--out`` says otherwise. The run
 can be stopped and started again: finished cells are read back from the file and skipped,
 failed cells are tried again (``--keep-failed`` leaves them alone). Every cell trains on one
@@ -48,10 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtlbook.experiments.study import (  # noqa: E402
-    CONFIG_NAMES, DATASETS, PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
+    CONFIG_NAMES, DATASETS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
+)
+from mtlbook.experiments.lr_search import (  # noqa: E402
+    LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
 )
 
-GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "all": CONFIG_NAMES}
+GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "real": REAL_PRIMARY_CONFIGS,
+          "all": CONFIG_NAMES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: a local cluster of --n-jobs worker processes)")
     parser.add_argument("--keep-failed", action="store_true", help="do not retry cells that failed before")
     parser.add_argument("--quiet", action="store_true", help="no line per cell")
+    parser.add_argument("--lr-search", action="store_true",
+                        help=f"run the lr search instead (lrs {LR_GRID}, seeds {SEARCH_SEEDS}, validation split); "
+                             "the chosen lrs go to <out>_chosen.csv")
+    parser.add_argument("--lr", choices=("size", "chosen"), default="size",
+                        help="'size': the size's lr (default); 'chosen': CHOSEN_LR per (config, dataset)")
     args = parser.parse_args(argv)
     if args.scheduler is not None and args.backend != "dask":
         parser.error("--scheduler needs --backend dask")
@@ -90,17 +108,22 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(Client(cluster))
             else:
                 stack.enter_context(Client(args.scheduler))
-        table = run_grid(
-            out,
-            configs=configs,
-            datasets=args.datasets,
-            seeds=seeds,
-            size=args.size,
-            retry_failed=not args.keep_failed,
-            n_jobs=args.n_jobs,
-            log=None if args.quiet else (lambda line: print(line, flush=True)),
-            backend=args.backend,
-        )
+        log = None if args.quiet else (lambda line: print(line, flush=True))
+        if args.lr_search:
+            search = run_lr_search(out, configs, args.datasets, size=args.size, n_jobs=args.n_jobs, log=log)
+            chosen = select_lr(search)
+            chosen.to_csv(out.with_name(out.stem + "_chosen.csv"), index=False)
+            print(chosen.loc[chosen["chosen"]].to_string(index=False))
+            table = search
+        elif args.lr == "chosen":
+            # one grid per dataset: the same config name carries a different lr on each dataset
+            for dataset in args.datasets:
+                table = run_grid(out, configs=[chosen_config(name, dataset) for name in configs], datasets=[dataset],
+                                 seeds=seeds, size=args.size, retry_failed=not args.keep_failed, n_jobs=args.n_jobs,
+                                 log=log, backend=args.backend)  # fmt: skip
+        else:
+            table = run_grid(out, configs=configs, datasets=args.datasets, seeds=seeds, size=args.size,
+                             retry_failed=not args.keep_failed, n_jobs=args.n_jobs, log=log, backend=args.backend)  # fmt: skip
     elapsed = time.perf_counter() - started
     cells = table.drop_duplicates(["config", "dataset", "seed"])
     failed = int((cells["status"] == "failed").sum())

@@ -382,3 +382,127 @@ def test_run_cell_is_deterministic_and_complete():
     assert all(np.isfinite(v) for _, _, v in first.metrics)
     assert first.epochs_run == 3 and first.wall_time > 0
     assert torch.get_num_threads() == 1  # conftest's setting is restored
+
+
+# --------------------------------------------------------------------------- the real datasets and the lr search
+from pathlib import Path  # noqa: E402
+
+from mtlbook.data.census_tasks import ALL_TASKS  # noqa: E402
+from mtlbook.experiments import lr_search  # noqa: E402
+from mtlbook.experiments.lr_search import (  # noqa: E402
+    CHOSEN_LR, LR_GRID, SEARCH_SEEDS, chosen_config, chosen_table, lr_scores, search_config, select_lr,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_real_datasets_load_with_their_tasks():
+    small = study.SIZES["small"]
+    few = dataclasses.replace(small, per_dataset={**small.per_dataset,
+                                                  "census_many": {**small.per_dataset["census_many"],
+                                                                  "rows": (300, 200, 400)}})  # fmt: skip
+    many = study.load_study_data("census_many", 0, few)
+    assert tuple(many.train.task_names) == tuple(ALL_TASKS) and len(ALL_TASKS) == 8
+    assert (len(many.train), len(many.val), len(many.test)) == (300, 200, 400)
+    assert set(many.task_groups["census"]) == set(ALL_TASKS)
+    assert {s.kind for s in many.train.task_specs} == {"binary", "multiclass", "regression"}
+    cmapss = study.load_study_data("cmapss", 0, small)
+    assert tuple(cmapss.train.task_names) == ("rul", "health") and set(cmapss.task_groups["cmapss"]) == {"rul", "health"}
+    units = cmapss.test.extras["unit"].unique()
+    assert len(units) == 100 and len(cmapss.test) > 50 * len(units)  # every full-window cycle of the test engines
+    assert int(cmapss.test.extras["cycle"].min()) >= 30
+    # another seed splits the training engines differently; the test engines stay
+    other = study.load_study_data("cmapss", 1, small)
+    assert not torch.equal(other.val.extras["unit"].unique(), cmapss.val.extras["unit"].unique())
+    assert torch.equal(other.test.targets["rul"], cmapss.test.targets["rul"])
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        study.load_study_data("census_few", 0, small)
+
+
+def test_per_dataset_settings_leave_the_old_datasets_alone():
+    small = study.SIZES["small"]
+    assert study.DATASETS[:3] == ("suite_conflict", "suite_benign", "census")  # new datasets only appended
+    for dataset in study.DATASETS[:3]:
+        same = small.for_dataset(dataset)
+        assert all(getattr(same, f.name) == getattr(small, f.name) for f in dataclasses.fields(small))
+    assert small.rows_for("census") == small.census_rows and small.rows_for("suite_benign") == small.suite_rows
+    many = small.for_dataset("census_many")
+    assert many.model == study.REAL_SETTINGS["census_many"]["model"]
+    assert small.rows_for("census_many") == study.REAL_SETTINGS["census_many"]["rows"]
+
+
+def test_config_learning_rate_reaches_the_trainer():
+    config = search_config("ple_uw_adatt", 0.03)
+    assert config.name == "ple_uw_adatt@lr=0.03" and config.lr == 0.03 and config.adatt == ()
+    assert trainer_config(config, 0, "small").lr == 0.03
+    assert trainer_config(get_config("ple_uw"), 0, "small").lr == study.SIZES["small"].lr
+    for bad in (0.0, -1e-3, math.inf, True, "0.01"):
+        with pytest.raises(ValueError, match="lr must be"):
+            search_config("ple_uw", bad)
+        with pytest.raises(ValueError, match="lr must be"):
+            StudyConfig("x", "x", "baseline", lr=bad)
+    assert chosen_config("ple_uw", "cmapss", {("ple_uw", "cmapss"): 3e-3}).lr == 3e-3
+    with pytest.raises(ValueError, match="no chosen learning rate"):
+        chosen_config("ple_uw", "census_many", {})
+
+
+def _search_table(scores: dict[tuple[str, float], tuple[float, float]]) -> pd.DataFrame:
+    """A search table with two seeds and two tasks (an AUC and an RMSE) per (config, lr)."""
+    rows = []
+    for (config, lr), (auc, rmse) in scores.items():
+        for seed in (100, 101):
+            for task, metric, value in (("a", "auc", auc + 0.01 * seed), ("b", "rmse", rmse)):
+                rows.append({"config": f"{config}@lr={lr:g}", "dataset": "census_many", "seed": seed, "task": task,
+                             "metric": metric, "value": value, "wall_time": 1.0, "epochs_run": 1, "size": "small",
+                             "status": "ok", "error": ""})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_lr_search_picks_the_argmax_of_the_stated_criterion():
+    scores = {("p", 0.003): (0.80, 2.0), ("p", 0.01): (0.82, 2.1), ("p", 0.03): (0.70, 1.5),
+              ("q", 0.003): (0.81, 1.9), ("q", 0.01): (0.81, 1.9), ("q", 0.03): (0.60, 3.0)}  # fmt: skip
+    table = _search_table(scores)
+    # the criterion by hand: per seed and task, the median over all six (config, lr); signed change
+    expected = {}
+    for seed in (100, 101):
+        auc = {k: a + 0.01 * seed for k, (a, _) in scores.items()}
+        rmse = {k: r for k, (_, r) in scores.items()}
+        med_a, med_r = np.median(list(auc.values())), np.median(list(rmse.values()))
+        for key in scores:
+            change = ((auc[key] - med_a) / med_a - (rmse[key] - med_r) / med_r) / 2
+            expected.setdefault(key, []).append(100 * change)
+    got = lr_scores(table).set_index(["base_config", "lr"])["score"]
+    for key, values in expected.items():
+        assert got.loc[key] == pytest.approx(np.mean(values))
+    picked = select_lr(table)
+    best = {c: max((k for k in expected if k[0] == c), key=lambda k: np.mean(expected[k])) for c in ("p", "q")}
+    assert best["p"] == ("p", 0.03)  # the much better RMSE outweighs the AUC loss
+    assert chosen_table(table) == {("p", "census_many"): 0.03, ("q", "census_many"): 0.003}  # tie -> smaller lr
+    assert picked["chosen"].sum() == 2
+    with pytest.raises(ValueError, match="name@lr"):
+        lr_scores(table.assign(config="ple_uw"))
+
+
+def test_chosen_learning_rates_come_from_the_committed_search():
+    search = load_table(REPO / "mtlbook" / "tables" / "study_lr_search.csv")
+    assert CHOSEN_LR == chosen_table(search)
+    assert set(CHOSEN_LR.values()) <= set(LR_GRID)
+    assert {c for c, _ in CHOSEN_LR} == set(study.REAL_PRIMARY_CONFIGS)
+    assert set(search["seed"]) == set(SEARCH_SEEDS) and not set(SEARCH_SEEDS) & set(range(50))
+    counts = lr_search.search_rows(search).drop_duplicates(["config", "dataset", "seed"]).groupby(
+        ["dataset", "base_config"]).size()
+    assert (counts == len(LR_GRID) * len(SEARCH_SEEDS)).all()  # the same trials for every method
+
+
+def test_lr_search_scores_validation_not_test(tmp_path):
+    tiny = dataclasses.replace(study.SIZES["small"], **TINY)
+    val = run_cell("ple_uw", "suite_benign", 3, tiny, score_split="val")
+    test = run_cell("ple_uw", "suite_benign", 3, tiny)
+    assert val.metrics != test.metrics and [m[:2] for m in val.metrics] == [m[:2] for m in test.metrics]
+    with pytest.raises(ValueError, match="score_split"):
+        run_cell("ple_uw", "suite_benign", 3, tiny, score_split="train")
+    searched = lr_search.run_lr_search(tmp_path / "search.csv", ["ple_uw"], ["suite_benign"], lrs=(1e-2, 3e-2),
+                                       seeds=(3,), size=tiny)  # fmt: skip
+    assert sorted(set(searched["lr"])) == [1e-2, 3e-2]
+    at_default = searched.loc[searched["lr"] == 1e-2].sort_values("task")
+    assert sorted(zip(at_default["task"], at_default["value"])) == sorted((t, v) for t, _, v in val.metrics)
