@@ -49,4 +49,4 @@ def test_chapters_read_tables_through_the_package(chapter):
     """No chapter reads a CSV relative to the repository."""
     nb = nbformat.read(chapter, as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert not re.search(r"read_csv\(|Path\(\"data|\"data\"\)|DATA_DIR", code), chapter.name
+    assert not re.search(r"read_csv\(|Path\(\"data|/ \"data\"|DATA_DIR", code), chapter.name

@@ -105,13 +105,13 @@ def test_bad_arguments():
 
 def test_long_listings_are_folded():
     """No listing over MAX_UNFOLDED_LINES lines shows unfolded; shorter ones are plain blocks."""
-    from mtlbook.train.trainer import Trainer
+    from mtlbook.experiments.study import run_grid
     from mtlbook.viz.source import MAX_UNFOLDED_LINES
 
-    long_text = show_source(Trainer.fit).data
-    assert source_text(Trainer.fit).count("\n") + 1 > MAX_UNFOLDED_LINES
+    long_text = show_source(run_grid).data
+    assert source_text(run_grid).count("\n") + 1 > MAX_UNFOLDED_LINES
     assert long_text.startswith('<details class="mtlbook-listing">') and long_text.rstrip().endswith("</details>")
-    assert "Trainer.fit" in long_text.split("</summary>")[0] and "lines)" in long_text.split("</summary>")[0]
+    assert "run_grid" in long_text.split("</summary>")[0] and "lines)" in long_text.split("</summary>")[0]
     assert "```python\n" in long_text  # the listing itself is still a highlighted block
     short = show_source(toy.fixed_point, docstrings="strip").data
     assert "<details" not in short
