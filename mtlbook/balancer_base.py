@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from mtlbook._checks import check_int, check_mask, check_number
 from mtlbook.gradients import flat_task_gradients
 
-__all__ = ["LossBalancer", "ScaleFn"]
+__all__ = ["LossBalancer", "ScaleFn", "SeededGeneratorState"]
 
 ScaleFn = Callable[[Tensor], Tensor]
 
@@ -125,3 +125,18 @@ class LossBalancer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}"
+
+
+class SeededGeneratorState:
+    """Mixin of the balancers that draw from their own ``torch.Generator`` (``self._generator``,
+    seeded with ``self.seed``): its state is part of ``state_dict`` (``_extra_state``), so a
+    resumed run draws the same numbers. Put it before the balancer base class."""
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"generator_state": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self._generator.set_state(state["generator_state"])
+
+    def extra_repr(self) -> str:
+        return f"n_tasks={self.n_tasks}, seed={self.seed}"

@@ -10,7 +10,14 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from mtlbook.balancer_base import LossBalancer, ScaleFn, _per_task_gradients, _trainable, _unflatten_into
+from mtlbook.balancer_base import (
+    LossBalancer,
+    ScaleFn,
+    SeededGeneratorState,
+    _per_task_gradients,
+    _trainable,
+    _unflatten_into,
+)
 from mtlbook.gradients import gradient_parts
 
 __all__ = ["GradientCombiner", "PCGrad"]
@@ -101,7 +108,7 @@ class GradientCombiner(LossBalancer, ABC):
             p.grad = new if old is None else old + new
 
 
-class PCGrad(GradientCombiner):
+class PCGrad(SeededGeneratorState, GradientCombiner):
     r"""Projecting conflicting gradients (gradient surgery) :cite:`yu2020gradient`.
 
     Let :math:`g_i = \nabla_{\theta_s} L_i` on the shared parameters. For each task
@@ -161,12 +168,3 @@ class PCGrad(GradientCombiner):
 
     def weights(self) -> Tensor:
         return torch.ones(self.n_tasks)
-
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"generator_state": self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self._generator.set_state(state["generator_state"])
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, seed={self.seed}"
