@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtlbook.balancer_base import SeededGeneratorState
 from mtlbook.balancing import LossBalancer, register_balancer
 
 __all__ = ["RandomLossWeighting"]
 
 
-class RandomLossWeighting(LossBalancer):
+class RandomLossWeighting(SeededGeneratorState, LossBalancer):
     r"""Random loss weighting :cite:`lin2022reasonable`: :math:`\lambda = n\,\mathrm{softmax}(z)`,
     :math:`z \sim \mathcal N(0, I)`, drawn anew at every :meth:`weight_losses` call.
 
@@ -61,15 +62,6 @@ class RandomLossWeighting(LossBalancer):
 
     def weights(self) -> Tensor:
         return self.task_weights.detach().clone()
-
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"generator_state": self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self._generator.set_state(state["generator_state"])
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, seed={self.seed}"
 
 
 register_balancer("rlw", RandomLossWeighting)

@@ -40,14 +40,19 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlbook._checks import check_int, check_mask, check_number
-from mtlbook.gradients import flat_task_gradients, gradient_parts
+from mtlbook.balancer_base import (  # noqa: F401 - LossBalancer and ScaleFn re-exported
+    LossBalancer,
+    ScaleFn,
+    _check_positive,
+    _per_task_gradients,
+    _trainable,
+)
+from mtlbook.balancers_combine import GradientCombiner, PCGrad  # noqa: F401 - re-exported
 from mtlbook.losses import UncertaintyWeighting
 
 __all__ = [
@@ -62,118 +67,6 @@ __all__ = [
     "build_balancer",
     "register_balancer",
 ]
-
-ScaleFn = Callable[[Tensor], Tensor]
-
-
-def _check_n_tasks(n_tasks: Any) -> int:
-    return check_int(n_tasks, "n_tasks", 1)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    return check_number(value, name, 0, open_low=True, wrong_type=TypeError)
-
-
-def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
-    """The shared parameters that can receive a gradient (frozen ones are skipped)."""
-    params = list(parameters)
-    for p in params:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"shared_parameters must hold tensors, got {type(p).__name__}")
-    return [p for p in params if p.requires_grad]
-
-
-def _per_task_gradients(losses: Tensor, params: list[Tensor], active: Tensor) -> Tensor:
-    """Task-major ``[n_tasks, d]`` float32 gradients of ``losses[i]`` on ``params`` (zeros for
-    an inactive task or a parameter it does not reach); see :mod:`mtlbook.gradients`."""
-    rows = [i for i in range(losses.shape[0]) if bool(active[i])]
-    return flat_task_gradients(losses, params, rows, dtype=torch.float32)
-
-
-def _unflatten_into(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    out, start = [], 0
-    for p in params:
-        out.append(flat[start : start + p.numel()].view_as(p).to(p.dtype))
-        start += p.numel()
-    return out
-
-
-class LossBalancer(nn.Module):
-    """Common interface of every balancing strategy (the default behaviour is equal weights).
-
-    Args:
-        n_tasks: number of tasks (``>= 1``); every per-task tensor is ``[n_tasks]``.
-    """
-
-    #: True when :meth:`backward` overwrites the shared parameters' gradients with its own
-    #: combination (a distributed trainer must then average them itself).
-    rewrites_shared_gradients: ClassVar[bool] = False
-
-    def __init__(self, n_tasks: int) -> None:
-        super().__init__()
-        self.n_tasks = _check_n_tasks(n_tasks)
-
-    # -- input checks ------------------------------------------------------------------
-
-    def _check_losses(self, task_losses: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor]:
-        if not isinstance(task_losses, Tensor):
-            raise TypeError(f"task_losses must be a torch.Tensor, got {type(task_losses).__name__}")
-        if task_losses.shape != (self.n_tasks,):
-            raise ValueError(f"task_losses must have shape [{self.n_tasks}], got {list(task_losses.shape)}")
-        if present is None:
-            present = torch.ones(self.n_tasks, dtype=torch.bool, device=task_losses.device)
-        else:
-            present = check_mask(present, self.n_tasks).to(task_losses.device)
-        return task_losses, present
-
-    @staticmethod
-    def _masked(values: Tensor, present: Tensor) -> Tensor:
-        """``values`` with absent tasks set to an exact 0 (their placeholder never leaks)."""
-        return torch.where(present, values, torch.zeros((), dtype=values.dtype, device=values.device))
-
-    # -- the interface -----------------------------------------------------------------
-
-    def weight_losses(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:
-        """Weighted per-task losses ``[n_tasks]``; their sum is the training objective."""
-        task_losses, present = self._check_losses(task_losses, present)
-        weights = self.weights().to(device=task_losses.device, dtype=task_losses.dtype)
-        return self._masked(weights * self._masked(task_losses, present), present)
-
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
-        """Accumulate gradients of ``objective`` into ``.grad`` (plain backward by default).
-
-        Args:
-            objective: the scalar to minimise (normally ``weighted_losses.sum()`` plus
-                regularisers).
-            weighted_losses: the output of :meth:`weight_losses` for this batch.
-            shared_parameters: parameters shared by all tasks (used by GradNorm and PCGrad).
-            scale: optional loss scaler (``GradScaler.scale``) applied before backward.
-        """
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
-        (scale(objective) if scale is not None else objective).backward()
-
-    def on_epoch_end(self, epoch: int, epoch_mean_losses: Tensor) -> None:
-        """Hook called once per epoch with the epoch-mean task losses (default: nothing)."""
-
-    def after_optimizer_step(self) -> None:
-        """Hook called right after every optimizer step (default: nothing).
-
-        :class:`UncertaintyBalancer` projects its log-variances back into their range here.
-        """
-
-    def weights(self) -> Tensor:
-        """Current task weights ``[n_tasks]`` for logging (default: ones)."""
-        return torch.ones(self.n_tasks)
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}"
 
 
 class EqualWeighting(LossBalancer):
@@ -402,162 +295,6 @@ class GradNorm(LossBalancer):
 
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}, alpha={self.alpha}, lr={self.lr}, optimizer={self.optimizer!r}"
-
-
-class GradientCombiner(LossBalancer, ABC):
-    r"""Base of the methods that combine per-task gradients on the shared parameters.
-
-    With :math:`G = [g_1; \dots; g_n] \in \mathbb{R}^{n \times d}`, the task-major per-task
-    gradients :math:`g_i = \nabla_{\theta_s} \tilde L_i` of the weighted losses on the shared
-    parameters, a subclass defines one map :meth:`combine`: :math:`G \mapsto d \in
-    \mathbb{R}^d`. :meth:`backward` gives
-
-    .. math::
-        \nabla_{\theta_s} \leftarrow \operatorname{combine}(G) + \nabla_{\theta_s} R,
-        \qquad \nabla_{\theta_o} \leftarrow \nabla_{\theta_o} \mathcal L,
-
-    where :math:`R = \mathcal L - \sum_i \tilde L_i` is whatever the objective adds beyond the
-    task losses (a gate-entropy regulariser, adaTT's transfer terms; never combined) and
-    :math:`\theta_o` are all other parameters, which get the plain gradient of the objective.
-    Gradients already in ``.grad`` (gradient accumulation) are kept and added to.
-
-    ``combine(G) = G.sum(0)`` would be the plain backward. Under a loss scaler the per-task
-    gradients are scaled by :math:`s`; a combiner whose map is positively homogeneous
-    (:math:`\operatorname{combine}(sG) = s \operatorname{combine}(G)`, e.g. PCGrad, MGDA)
-    receives them as they are; one that is not (``scale_equivariant = False``) receives
-    :math:`G / s` and its output is multiplied by :math:`s`.
-    """
-
-    rewrites_shared_gradients: ClassVar[bool] = True
-    #: ``combine(s * G) == s * combine(G)`` for every ``s > 0``.
-    scale_equivariant: ClassVar[bool] = True
-
-    @abstractmethod
-    def combine(self, grads: Tensor) -> Tensor:
-        """Map task-major per-task shared gradients ``[n_tasks, d]`` to one vector ``[d]``."""
-
-    def _combine_checked(self, grads: Tensor, scale: ScaleFn | None, device: torch.device) -> Tensor:
-        factor = None
-        if scale is not None and not self.scale_equivariant:
-            factor = scale(torch.ones((), device=device)).to(grads)
-            grads = grads / factor
-        combined = self.combine(grads)
-        if not isinstance(combined, Tensor) or combined.shape != grads.shape[1:]:
-            raise RuntimeError(
-                f"{type(self).__name__}.combine must return a tensor of shape [{grads.shape[1]}], "
-                f"got {getattr(combined, 'shape', type(combined).__name__)}"
-            )
-        return combined if factor is None else combined * factor
-
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
-        if not isinstance(weighted_losses, Tensor) or weighted_losses.shape != (self.n_tasks,):
-            raise ValueError(f"weighted_losses must be a tensor of shape [{self.n_tasks}]")
-        params = _trainable(shared_parameters)
-        obj = scale(objective) if scale is not None else objective
-        if not params:
-            obj.backward()
-            return
-        losses = scale(weighted_losses) if scale is not None else weighted_losses
-        active = torch.ones(self.n_tasks, dtype=torch.bool)
-        task_grads = _per_task_gradients(losses, params, active)
-        combined = self._combine_checked(task_grads, scale, objective.device)
-
-        # Whatever the objective adds beyond the task losses; differentiating the
-        # difference cancels the task terms exactly at the weighted_losses node.
-        residual = obj - losses.sum()
-        extra = [None] * len(params)
-        if residual.requires_grad:
-            extra = list(gradient_parts(residual, params))
-
-        # Set accumulated gradients aside (gradient accumulation must survive), let the plain
-        # backward serve the non-shared parameters, then overwrite the shared ones.
-        previous = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        obj.backward()
-        for p, old, surgery, other in zip(params, previous, _unflatten_into(combined, params), extra):
-            # clone: the slices of one flat vector must not share storage as .grad
-            new = surgery.clone() if other is None else surgery + other
-            p.grad = new if old is None else old + new
-
-
-class PCGrad(GradientCombiner):
-    r"""Projecting conflicting gradients (gradient surgery) :cite:`yu2020gradient`.
-
-    Let :math:`g_i = \nabla_{\theta_s} L_i` on the shared parameters. For each task
-    :math:`i`, start from :math:`g_i^{PC} = g_i` and visit the other tasks :math:`j` in a
-    random order; whenever they conflict, remove the component along :math:`g_j`:
-
-    .. math::
-        \text{if } g_i^{PC} \cdot g_j < 0: \quad
-        g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\lVert g_j \rVert^2}\, g_j .
-
-    The shared parameters receive :math:`\sum_i g_i^{PC}` (plus the gradient of any term of
-    the objective that is not a task loss, e.g. a gate-entropy regulariser, unprojected);
-    every other parameter receives the plain gradient of the objective. Non-conflicting
-    pairs are left untouched, so with no conflict this is exactly the plain backward.
-
-    The visiting order comes from a ``torch.Generator`` seeded with ``seed``; its state is
-    part of ``state_dict`` so a resumed run draws the same orders. Task weights are 1.
-
-    Args:
-        n_tasks: number of tasks.
-        seed: seed of the order generator.
-    """
-
-    #: the shared gradients are rewritten after the backward (multi-process runs average them again)
-    rewrites_shared_gradients = True
-
-    def __init__(self, n_tasks: int, seed: int = 0) -> None:
-        super().__init__(n_tasks)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def project(self, grads: Tensor) -> Tensor:
-        """Project task-major gradients ``[n_tasks, d]``; returns the projected ``[n_tasks, d]``.
-
-        Uses (and advances) the order generator.
-        """
-        if grads.dim() != 2:
-            raise ValueError(f"grads must be [n_tasks, d], got shape {list(grads.shape)}")
-        n = grads.shape[0]
-        projected = grads.clone()
-        squared_norms = (grads * grads).sum(dim=1)
-        for i in range(n):
-            order = torch.randperm(n, generator=self._generator).tolist()
-            for j in order:
-                if j == i or not bool(squared_norms[j] > 0):
-                    continue
-                dot = projected[i] @ grads[j]
-                if bool(dot < 0):
-                    projected[i] = projected[i] - (dot / squared_norms[j]) * grads[j]
-        return projected
-
-    def combine(self, grads: Tensor) -> Tensor:
-        """:math:`\\sum_i g_i^{PC}`: the sum of the projected task gradients ``[d]``."""
-        return self.project(grads).sum(dim=0)
-
-    def weights(self) -> Tensor:
-        return torch.ones(self.n_tasks)
-
-    def get_extra_state(self) -> dict[str, Tensor]:
-        return {"generator_state": self._generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        self._generator.set_state(state["generator_state"])
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, seed={self.seed}"
 
 
 #: Balancer name -> class; ``build_balancer`` looks names up here.

@@ -132,7 +132,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(study.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_table(table.assign(value=0.0), path)
     assert path.read_bytes() == before  # the old file is untouched
@@ -506,3 +506,24 @@ def test_lr_search_scores_validation_not_test(tmp_path):
     assert sorted(set(searched["lr"])) == [1e-2, 3e-2]
     at_default = searched.loc[searched["lr"] == 1e-2].sort_values("task")
     assert sorted(zip(at_default["task"], at_default["value"])) == sorted((t, v) for t, _, v in val.metrics)
+
+
+def test_atomic_write_bytes_gives_the_usual_mode_and_checks_its_input(tmp_path):
+    from mtlbook.train.checkpoint import atomic_write_bytes
+
+    path = atomic_write_bytes(b"a,b\n1,2\n", tmp_path / "sub" / "t.csv")
+    assert path.read_bytes() == b"a,b\n1,2\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(TypeError, match="data must be bytes"):
+        atomic_write_bytes("text", tmp_path / "t.csv")
+
+
+def test_study_reexports_the_split_modules():
+    from mtlbook.experiments import study_plots, study_runner, study_statistics
+
+    assert study.run_grid is study_runner.run_grid and study.verdict is study_statistics.verdict
+    assert study.plot_paired is study_plots.plot_paired and "run_grid" in dir(study)
+    with pytest.raises(AttributeError, match="no attribute"):
+        study.no_such_name

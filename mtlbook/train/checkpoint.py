@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "atomic_save",
+    "atomic_write_bytes",
     "capture_rng_state",
     "check_fingerprint",
     "load_file",
@@ -104,15 +105,32 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     killed writes of the same ``path`` left behind are removed first
     (:func:`clean_stale_temporaries`).
     """
+    return _atomic_write(path, lambda handle: torch.save(obj, handle), usual_mode=False)
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` to ``path`` the way :func:`atomic_save` writes a checkpoint (temp file,
+    fsync, :func:`os.replace`), with the mode a plain ``open`` would give (``0o666 & ~umask``).
+    Returns the final path."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    return _atomic_write(path, lambda handle: handle.write(data), usual_mode=True)
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any], usual_mode: bool) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f"{_tmp_prefix(target)}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if usual_mode:  # mkstemp creates 0600
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)
         os.replace(tmp_name, target)
     except BaseException:
         # Whatever went wrong (including KeyboardInterrupt), the old file is untouched.
