@@ -56,6 +56,7 @@ from mtlbook.data.batch import MultiTaskDataset, make_loader
 from mtlbook.gradients import flat_task_gradients
 from mtlbook.losses import task_losses as compute_task_losses
 from mtlbook.models import SharedBottom
+from mtlbook.train.metrics import rmse as metric_rmse
 
 __all__ = [
     "DiagnosticRun",
@@ -208,9 +209,13 @@ def nasa_score(prediction: Any, target: Any, reduction: str = "sum") -> float:
 
 
 def rmse(prediction: Any, target: Any) -> float:
-    """Root mean squared error."""
+    """Root mean squared error :math:`\\sqrt{\\tfrac1n\\sum_i (\\hat y_i - y_i)^2}` of arrays or tensors.
+
+    The checks of this module (finite, same length, not empty), then the trainer's metric
+    :func:`mtlbook.train.metrics.rmse`: one formula for the chapters and the trainer.
+    """
     pred, true = _pair(prediction, target)
-    return float(np.sqrt(np.mean((pred - true) ** 2)))
+    return metric_rmse(torch.from_numpy(pred), torch.from_numpy(true))
 
 
 def per_class_recall(prediction: Any, target: Any, n_classes: int) -> np.ndarray:

@@ -40,13 +40,12 @@ import os
 import re
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from mtlbook.experiments.study import StudySize
+from mtlbook.experiments.study_configs import StudySize
 
 __all__ = [
     "CHOSEN_LR",
@@ -161,7 +160,7 @@ def run_lr_search(
     datasets: Iterable[str],
     lrs: Sequence[float] = LR_GRID,
     seeds: Sequence[int] = SEARCH_SEEDS,
-    size: "str | StudySize" = "small",
+    size: str | StudySize = "small",
     n_jobs: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
