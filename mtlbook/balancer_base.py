@@ -25,6 +25,11 @@ def _check_positive(value: Any, name: str) -> float:
     return check_number(value, name, 0, open_low=True, wrong_type=TypeError)
 
 
+def _check_scale(scale: Any) -> None:
+    if scale is not None and not callable(scale):
+        raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
+
+
 def _trainable(parameters: Sequence[Tensor]) -> list[Tensor]:
     """The shared parameters that can receive a gradient (frozen ones are skipped)."""
     params = list(parameters)
@@ -90,13 +95,8 @@ class LossBalancer(nn.Module):
         weights = self.weights().to(device=task_losses.device, dtype=task_losses.dtype)
         return self._masked(weights * self._masked(task_losses, present), present)
 
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
+    def backward(self, objective: Tensor, weighted_losses: Tensor, shared_parameters: Sequence[Tensor],
+                 scale: ScaleFn | None = None) -> None:
         """Accumulate gradients of ``objective`` into ``.grad`` (plain backward by default).
 
         Args:
@@ -106,8 +106,7 @@ class LossBalancer(nn.Module):
             shared_parameters: parameters shared by all tasks (used by GradNorm and PCGrad).
             scale: optional loss scaler (``GradScaler.scale``) applied before backward.
         """
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
+        _check_scale(scale)
         (scale(objective) if scale is not None else objective).backward()
 
     def on_epoch_end(self, epoch: int, epoch_mean_losses: Tensor) -> None:
@@ -131,6 +130,13 @@ class SeededGeneratorState:
     """Mixin of the balancers that draw from their own ``torch.Generator`` (``self._generator``,
     seeded with ``self.seed``): its state is part of ``state_dict`` (``_extra_state``), so a
     resumed run draws the same numbers. Put it before the balancer base class."""
+
+    def _seed_generator(self, seed: int) -> None:
+        """Check ``seed`` and build the balancer's own generator from it."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
 
     def get_extra_state(self) -> dict[str, Tensor]:
         return {"generator_state": self._generator.get_state()}

@@ -14,6 +14,7 @@ from mtlbook.balancer_base import (
     LossBalancer,
     ScaleFn,
     SeededGeneratorState,
+    _check_scale,
     _per_task_gradients,
     _trainable,
     _unflatten_into,
@@ -68,15 +69,9 @@ class GradientCombiner(LossBalancer, ABC):
             )
         return combined if factor is None else combined * factor
 
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
+    def backward(self, objective: Tensor, weighted_losses: Tensor, shared_parameters: Sequence[Tensor],
+                 scale: ScaleFn | None = None) -> None:
+        _check_scale(scale)
         if not isinstance(weighted_losses, Tensor) or weighted_losses.shape != (self.n_tasks,):
             raise ValueError(f"weighted_losses must be a tensor of shape [{self.n_tasks}]")
         params = _trainable(shared_parameters)
@@ -137,10 +132,7 @@ class PCGrad(SeededGeneratorState, GradientCombiner):
 
     def __init__(self, n_tasks: int, seed: int = 0) -> None:
         super().__init__(n_tasks)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed_generator(seed)
 
     def project(self, grads: Tensor) -> Tensor:
         """Project task-major gradients ``[n_tasks, d]``; returns the projected ``[n_tasks, d]``.

@@ -42,10 +42,7 @@ class RandomLossWeighting(SeededGeneratorState, LossBalancer):
 
     def __init__(self, n_tasks: int, seed: int = 0) -> None:
         super().__init__(n_tasks)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed_generator(seed)
         self.register_buffer("task_weights", torch.ones(n_tasks))
 
     def draw(self) -> Tensor:

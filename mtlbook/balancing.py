@@ -50,6 +50,7 @@ from mtlbook.balancer_base import (  # noqa: F401 - LossBalancer and ScaleFn re-
     ScaleFn,
     _check_positive,
     _per_task_gradients,
+    _check_scale,
     _trainable,
 )
 from mtlbook.balancers_combine import GradientCombiner, PCGrad  # noqa: F401 - re-exported
@@ -221,15 +222,9 @@ class GradNorm(LossBalancer):
         weights = self.task_weights.to(device=task_losses.device, dtype=task_losses.dtype)
         return self._masked(weights * self._masked(task_losses, present), present)
 
-    def backward(
-        self,
-        objective: Tensor,
-        weighted_losses: Tensor,
-        shared_parameters: Sequence[Tensor],
-        scale: ScaleFn | None = None,
-    ) -> None:
-        if scale is not None and not callable(scale):
-            raise TypeError(f"scale must be callable or None, got {type(scale).__name__}")
+    def backward(self, objective: Tensor, weighted_losses: Tensor, shared_parameters: Sequence[Tensor],
+                 scale: ScaleFn | None = None) -> None:
+        _check_scale(scale)
         params = _trainable(shared_parameters)
         losses, present = self._last_losses, self._last_present
         if losses is None or weighted_losses.shape != (self.n_tasks,):

@@ -85,6 +85,15 @@ def _match_shapes(output: Tensor, target: Tensor) -> Tensor:
     return output
 
 
+def _checked_rows(output: Tensor, target: Tensor, present: Tensor | None, name: str) -> tuple[Tensor, Tensor | None]:
+    """The checks every row-wise loss starts with: ``output`` (called ``name``) and ``target``
+    are tensors of matching shape; returns ``output`` (a ``[batch, 1]`` one squeezed) and the mask."""
+    _check_tensor(output, name)
+    _check_tensor(target, "target")
+    output = _match_shapes(output, target)
+    return output, _check_present(present, output.shape[0], output.device)
+
+
 def _masked_row_mean(per_element: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over present rows of the per-row mean; 0 (graph-connected) when nothing is present."""
     per_row = per_element.reshape(per_element.shape[0], -1).mean(dim=1) if per_element.dim() > 1 else per_element
@@ -190,13 +199,10 @@ def focal_loss(
     Returns:
         float32 scalar: the mean over present rows.
     """
-    _check_tensor(logits, "logits")
-    _check_tensor(target, "target")
+    logits, mask = _checked_rows(logits, target, present, "logits")
     gamma = _check_float(gamma, "gamma", 0.0)
     if alpha is not None:
         alpha = _check_float(alpha, "alpha", 0.0, 1.0)
-    logits = _match_shapes(logits, target)
-    mask = _check_present(present, logits.shape[0], logits.device)
     with _autocast_off(logits.device):
         x, y = _sanitise(logits.float(), _float_target(target).float(), mask)
         _check_unit_interval(y)
@@ -221,10 +227,7 @@ def bce_with_logits_loss(logits: Tensor, target: Tensor, present: Tensor | None 
         target: labels in ``[0, 1]``, same shape as ``logits``.
         present: bool ``[batch]``; rows marked False are ignored.
     """
-    _check_tensor(logits, "logits")
-    _check_tensor(target, "target")
-    logits = _match_shapes(logits, target)
-    mask = _check_present(present, logits.shape[0], logits.device)
+    logits, mask = _checked_rows(logits, target, present, "logits")
     x, y = _sanitise(logits, _float_target(target).to(logits.dtype), mask)
     _check_unit_interval(y)
     per_element = F.binary_cross_entropy_with_logits(x, y, reduction="none")
@@ -244,11 +247,8 @@ def huber_loss(output: Tensor, target: Tensor, present: Tensor | None = None, de
         present: bool ``[batch]``; rows marked False are ignored.
         delta: switch point, a finite number ``> 0``.
     """
-    _check_tensor(output, "output")
-    _check_tensor(target, "target")
+    output, mask = _checked_rows(output, target, present, "output")
     delta = _check_float(delta, "delta", 0.0, low_inclusive=False)
-    output = _match_shapes(output, target)
-    mask = _check_present(present, output.shape[0], output.device)
     out, tgt = _sanitise(output, _float_target(target).to(output.dtype), mask)
     return _masked_row_mean(F.huber_loss(out, tgt, reduction="none", delta=delta), mask)
 
@@ -261,10 +261,7 @@ def mse_loss(output: Tensor, target: Tensor, present: Tensor | None = None) -> T
         target: real targets, same shape.
         present: bool ``[batch]``; rows marked False are ignored.
     """
-    _check_tensor(output, "output")
-    _check_tensor(target, "target")
-    output = _match_shapes(output, target)
-    mask = _check_present(present, output.shape[0], output.device)
+    output, mask = _checked_rows(output, target, present, "output")
     out, tgt = _sanitise(output, _float_target(target).to(output.dtype), mask)
     return _masked_row_mean(F.mse_loss(out, tgt, reduction="none"), mask)
 

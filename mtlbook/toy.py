@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ __all__ = [
     "adam_update",
     "ToyResult",
     "ToyGridResult",
+    "RunSettings",
     "simulate",
     "simulate_grid",
     "ToyModel",
@@ -291,6 +292,15 @@ class ToyResult:
     diverged_at: int | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_trajectory(cls, run: "RunSettings", theta: np.ndarray, diverged_at: int | None) -> "ToyResult":
+        """The result of a run with settings ``run`` whose iterates are ``theta`` (losses computed here)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss1, loss2 = losses(theta, run.rho)
+        return cls(rho=run.rho, optimizer=run.optimizer, lr=run.lr, n_steps=run.n_steps, theta0=run.theta0,
+                   theta=theta, loss1=loss1, loss2=loss2, diverged=diverged_at is not None,
+                   diverged_at=diverged_at, hyperparameters=run.hyperparameters)
+
     @property
     def fixed_point(self) -> float:
         """The closed-form target :math:`(\\rho - 1)/(\\rho + 1)` of this run."""
@@ -359,6 +369,25 @@ def _steps_to_within(theta: np.ndarray, target: float, tol: float) -> int | None
     return 0 if last_outside.size == 0 else int(last_outside[-1]) + 1
 
 
+class RunSettings(NamedTuple):
+    """The checked arguments of one toy run (what :func:`simulate` and :func:`simulate_torch` share)."""
+
+    rho: float
+    optimizer: str
+    lr: float
+    n_steps: int
+    theta0: float
+    hyperparameters: dict[str, Any]
+
+
+def _run_settings(rho: object, optimizer: object, lr: object, n_steps: object, theta0: object,
+                  opt_kwargs: dict[str, Any]) -> RunSettings:
+    rho, lr = _check_rho(rho), _check_lr(lr)  # checked in the order of the signature
+    n_steps, theta0 = _check_n_steps(n_steps), _check_theta0(theta0)
+    optimizer = _check_optimizer(optimizer)
+    return RunSettings(rho, optimizer, lr, n_steps, theta0, _check_hyperparameters(optimizer, opt_kwargs))
+
+
 def _divergence_limit(theta0: float) -> float:
     return DIVERGENCE_BOUND * (1.0 + abs(theta0))
 
@@ -384,10 +413,8 @@ def simulate(
     Raises ``ValueError`` for ``rho`` or ``lr`` that are not finite and > 0, ``n_steps`` that
     is not an int >= 1, a non-finite ``theta0``, an unknown optimizer or keyword.
     """
-    rho, lr = _check_rho(rho), _check_lr(lr)
-    n_steps, theta0 = _check_n_steps(n_steps), _check_theta0(theta0)
-    optimizer = _check_optimizer(optimizer)
-    hyper = _check_hyperparameters(optimizer, opt_kwargs)
+    run = _run_settings(rho, optimizer, lr, n_steps, theta0, opt_kwargs)
+    rho, optimizer, lr, n_steps, theta0, hyper = run
     update = _UPDATE_RULES[optimizer]
     limit = _divergence_limit(theta0)
 
@@ -403,20 +430,7 @@ def simulate(
                 diverged_at = t
                 break
             theta[t] = current
-        loss1, loss2 = losses(theta, rho)
-    return ToyResult(
-        rho=rho,
-        optimizer=optimizer,
-        lr=lr,
-        n_steps=n_steps,
-        theta0=theta0,
-        theta=theta,
-        loss1=loss1,
-        loss2=loss2,
-        diverged=diverged_at is not None,
-        diverged_at=diverged_at,
-        hyperparameters=hyper,
-    )
+    return ToyResult.from_trajectory(run, theta, diverged_at)
 
 
 def simulate_grid(
@@ -533,10 +547,8 @@ def simulate_torch(
     """Same run as :func:`simulate`, but with :class:`ToyModel`, autograd and ``torch.optim``
     (``SGD``, ``SGD(momentum=...)`` or ``Adam``) in float64. Same result convention,
     same divergence handling, same errors."""
-    rho, lr = _check_rho(rho), _check_lr(lr)
-    n_steps, theta0 = _check_n_steps(n_steps), _check_theta0(theta0)
-    optimizer = _check_optimizer(optimizer)
-    hyper = _check_hyperparameters(optimizer, opt_kwargs)
+    run = _run_settings(rho, optimizer, lr, n_steps, theta0, opt_kwargs)
+    rho, optimizer, lr, n_steps, theta0, hyper = run
     limit = _divergence_limit(theta0)
 
     model = ToyModel(theta0)
@@ -553,18 +565,4 @@ def simulate_torch(
             diverged_at = t
             break
         theta[t] = current
-    with np.errstate(over="ignore", invalid="ignore"):
-        loss1, loss2 = losses(theta, rho)
-    return ToyResult(
-        rho=rho,
-        optimizer=optimizer,
-        lr=lr,
-        n_steps=n_steps,
-        theta0=theta0,
-        theta=theta,
-        loss1=loss1,
-        loss2=loss2,
-        diverged=diverged_at is not None,
-        diverged_at=diverged_at,
-        hyperparameters=hyper,
-    )
+    return ToyResult.from_trajectory(run, theta, diverged_at)
