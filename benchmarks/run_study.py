@@ -57,13 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtlbook.experiments.study import (  # noqa: E402
-    CONFIG_NAMES, DATASETS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
+    CONFIG_NAMES, DATASETS, METHOD_CONFIGS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
 )
 from mtlbook.experiments.lr_search import (  # noqa: E402
     LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
 )
 
 GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "real": REAL_PRIMARY_CONFIGS,
+          "methods": METHOD_CONFIGS,
           "all": CONFIG_NAMES}
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from mtlbook.balancing import BALANCERS
 from mtlbook.experiments.design import CONTRASTS, EQUIVALENCE_MARGIN, cause_verdict, contrast_table
 from mtlbook.experiments.inference import mde, power, sign_flip_test, tost
 from mtlbook.experiments.static_weights import select_trial, weight_trials
@@ -176,3 +177,23 @@ def test_cause_verdict_transfer_and_nothing():
     assert [c.name for c in CONTRASTS][:3] == ["total", "transfer", "freeze"]
     with pytest.raises(ValueError, match="total"):
         cause_verdict(contrast_table(nothing).query("contrast != 'total'"), "census")
+
+
+def test_method_contrasts_are_a_family_of_their_own():
+    from mtlbook.experiments.design import METHOD_CONTRASTS
+    from mtlbook.experiments.study import METHOD_CONFIGS, get_config
+
+    assert [c.candidate for c in METHOD_CONTRASTS] == list(METHOD_CONFIGS)
+    assert {c.reference for c in METHOD_CONTRASTS} == {"ple_uw"} and {c.family for c in METHOD_CONTRASTS} == {"methods"}
+    for name in METHOD_CONFIGS:  # every method is a registered balancer with no adaTT
+        config = get_config(name)
+        assert config.kind == "balancer" and config.adatt is None and config.balancing in BALANCERS
+    # two methods present, one helping by 1 %: Holm runs over the two, not over the primary family
+    table = _table({"ple_uw": 0.0, "ple_upgrad": 0.01, "ple_rlw": 0.0, "ple_uw_adatt": 0.0})
+    methods = contrast_table(table, METHOD_CONTRASTS).set_index("contrast")
+    assert list(methods.index) == ["ple_upgrad_vs_uw", "ple_rlw_vs_uw"]
+    assert (methods["family_size"] == 2).all()
+    assert methods.loc["ple_upgrad_vs_uw", "significant"] and methods.loc["ple_upgrad_vs_uw", "mean"] > 0.5
+    assert methods.loc["ple_rlw_vs_uw", "mean"] == 0.0 and not methods.loc["ple_rlw_vs_uw", "significant"]
+    primary = contrast_table(table)
+    assert set(primary["family"]) <= {"primary", "secondary"}

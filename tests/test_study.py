@@ -485,13 +485,16 @@ def test_lr_search_picks_the_argmax_of_the_stated_criterion():
 
 def test_chosen_learning_rates_come_from_the_committed_search():
     search = load_table(REPO / "mtlbook" / "tables" / "study_lr_search.csv")
-    assert CHOSEN_LR == chosen_table(search)
+    methods = load_table(REPO / "mtlbook" / "tables" / "study_lr_search_methods.csv")  # searched later
+    assert CHOSEN_LR == {**chosen_table(search), **chosen_table(methods)}
     assert set(CHOSEN_LR.values()) <= set(LR_GRID)
-    assert {c for c, _ in CHOSEN_LR} == set(study.REAL_PRIMARY_CONFIGS)
-    assert set(search["seed"]) == set(SEARCH_SEEDS) and not set(SEARCH_SEEDS) & set(range(50))
-    counts = lr_search.search_rows(search).drop_duplicates(["config", "dataset", "seed"]).groupby(
-        ["dataset", "base_config"]).size()
-    assert (counts == len(LR_GRID) * len(SEARCH_SEEDS)).all()  # the same trials for every method
+    assert {c for c, _ in CHOSEN_LR} == set(study.REAL_PRIMARY_CONFIGS) | set(study.METHOD_CONFIGS)
+    for table in (search, methods):
+        assert set(table["seed"]) == set(SEARCH_SEEDS) and not set(SEARCH_SEEDS) & set(range(50))
+        counts = lr_search.search_rows(table).drop_duplicates(["config", "dataset", "seed"]).groupby(
+            ["dataset", "base_config"]).size()
+        assert (counts == len(LR_GRID) * len(SEARCH_SEEDS)).all()  # the same trials for every method
+        assert set(table["dataset"]) == set(study.REAL_DATASETS)
 
 
 def test_lr_search_scores_validation_not_test(tmp_path):

@@ -52,6 +52,7 @@ __all__ = [
     "ALPHA",
     "CONTRASTS",
     "EQUIVALENCE_MARGIN",
+    "METHOD_CONTRASTS",
     "Contrast",
     "cause_verdict",
     "contrast_differences",
@@ -86,6 +87,16 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("tuned_static", "ple_ls_tuned", "ple_uw", "tuned static weights vs UW", "secondary"),
     Contrast("equal_weights", "ple_adatt", "ple_equal", "adaTT on equal weights (the sources' comparison)",
              "secondary"),  # fmt: skip
+)
+
+#: The gradient-aggregation methods (torchjd) and random loss weighting against the reference,
+#: one family of their own ("methods"), so that adding them leaves the primary and secondary
+#: families, and their Holm corrections, as declared. Each method replaces the loss weighting
+#: (its base is itself, like GradNorm's): the contrast compares two ways to weight the same PLE.
+METHOD_CONTRASTS: tuple[Contrast, ...] = tuple(
+    Contrast(f"{name}_vs_uw", name, "ple_uw", f"{label} instead of UW", "methods")
+    for name, label in (("ple_mgda", "MGDA"), ("ple_cagrad", "CAGrad"), ("ple_nash", "Nash-MTL"),
+                        ("ple_aligned", "Aligned-MTL"), ("ple_upgrad", "UPGrad"), ("ple_rlw", "random loss weights"))
 )
 
 

@@ -78,6 +78,19 @@ CHOSEN_LR: dict[tuple[str, str], float] = {
     ("ple_uw_freeze", "cmapss"): 0.01,
     ("ple_ls_tuned", "cmapss"): 0.03,
     ("adatt_no_cofreeze", "cmapss"): 0.01,
+    # the gradient-aggregation methods, searched later (mtlbook/tables/study_lr_search_methods.csv)
+    ("ple_mgda", "census_many"): 0.03,
+    ("ple_cagrad", "census_many"): 0.003,
+    ("ple_nash", "census_many"): 0.003,
+    ("ple_aligned", "census_many"): 0.003,
+    ("ple_upgrad", "census_many"): 0.003,
+    ("ple_rlw", "census_many"): 0.003,
+    ("ple_mgda", "cmapss"): 0.01,
+    ("ple_cagrad", "cmapss"): 0.03,
+    ("ple_nash", "cmapss"): 0.003,
+    ("ple_aligned", "cmapss"): 0.003,
+    ("ple_upgrad", "cmapss"): 0.01,
+    ("ple_rlw", "cmapss"): 0.03,
 }
 
 _NAME = re.compile(r"^(?P<config>.+)@lr=(?P<lr>[0-9.eE+-]+)$")
