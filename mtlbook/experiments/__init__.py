@@ -15,6 +15,8 @@
   names a cause (``contrast_table``, ``cause_verdict``).
 * :mod:`mtlbook.experiments.inference`: exact sign-flip permutation test, TOST equivalence,
   power and minimum detectable effect of the paired t-test.
+* :mod:`mtlbook.experiments.published`: census-income AUCs read in published sources, with
+  their settings (chapters 3 and 8 print them beside their own).
 * :mod:`mtlbook.experiments.static_weights`: the tuned static-weight baseline's search space
   and its choice on validation data.
 
