@@ -22,16 +22,17 @@ epoch that is never reached, so it measures, transfers and learns ``W``):
 
 The other adaTT configurations use the package default ``extraction="batched"``.
 
-**Timing through the public API.** Each configuration has its own ``Trainer`` (same initial
-weights) whose ``fit`` runs in its own thread on the same ``block_steps`` batches every epoch;
-a :class:`TurnTaking` callback lets an epoch start only when the main thread gives that lane
-the turn, so exactly one trainer computes at any moment. The time of a block runs from the
-start of the first batch to the end of the last one (callback hooks ``on_batch_start`` and
-``on_batch_end``), i.e. exactly ``block_steps`` complete training steps;
-end-of-epoch work (metrics, scheduler, snapshots) is outside it. With ``block_steps = 10``
-an interval-10 block holds exactly one measurement. Every round runs the baseline (``plain``)
-first and last and the other lanes in between in a freshly shuffled order; a lane's ratio in
-that round is its block time over the mean of the round's two baseline blocks, and the
+**Timing through the public API.** A block is one ``Trainer.fit`` of one epoch on a fresh
+trainer (same initial weights for every configuration): a warm-up step on the first batch
+(it also creates AdamW's state), then the ``block_steps`` batches. A :class:`BlockTimer`
+callback times the steps after the warm-up, from ``on_batch_start`` of the first to
+``on_batch_end`` of the last, so setup and end-of-epoch work (metrics, scheduler, snapshots)
+are outside it: exactly ``block_steps`` complete training steps. Blocks run one at a time
+in this process. adaTT measures at step 0 (the warm-up) and every ``grad_interval`` steps
+after it, so with ``block_steps = 10`` an interval-10 block holds exactly one measurement.
+Every round runs the baseline (``plain``) first and last and the other configurations in
+between in a freshly shuffled order; a configuration's ratio in that round is its block
+time over the mean of the round's two baseline blocks, and the
 reported ``ratio`` is the median over rounds (``ratio_q25`` / ``ratio_q75``: quartiles).
 Data loading is not timed (batches are built beforehand); ``torch.set_num_threads`` is fixed.
 
@@ -63,7 +64,6 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -127,124 +127,75 @@ def make_trainer(problem: Problem, config: str, epochs: int, device: str = "cpu"
     return Trainer(model, settings, adatt=adatt)
 
 
-# --------------------------------------------------------------------------- turn-taking lanes
-class BenchmarkAborted(RuntimeError):
-    """Raised inside a lane's ``fit`` when the main thread stops the benchmark."""
+# --------------------------------------------------------------------------- timed blocks
+class BlockTimer(Callback):
+    """Times the steps of a ``fit`` that come after its first ``warmup_steps`` steps: one block.
 
-
-class TurnTaking(Callback):
-    """Lets ``fit`` start an epoch only when the main thread gives the lane its turn, and times
-    the epoch's batches (one block) into :attr:`times`.
-
-    At every epoch start the callback reports the lane idle (the previous epoch, end-of-epoch
-    work included, is over) and waits for :meth:`Lane.run_turn` to give it the turn; the block
-    runs from the first ``on_batch_start`` to the ``on_batch_end`` of the epoch's last batch.
+    The block runs from ``on_batch_start`` of the first timed step to ``on_batch_end`` of the
+    last one, so setup before the first batch and end-of-epoch work (metrics, scheduler,
+    snapshots) are outside it. :attr:`span` holds the block's ``(start, end)``.
     """
 
-    def __init__(self, n_batches: int) -> None:
-        if n_batches < 1:
-            raise ValueError("batches must not be empty")
-        self.n_batches = n_batches
-        self.times: list[float] = []
-        self.spans: list[tuple[float, float]] = []  # (start, end) of every timed block
-        self.turn = threading.Semaphore(0)
-        self.idle = threading.Semaphore(0)
-        self.abort = False
+    def __init__(self, n_steps: int, warmup_steps: int = 1) -> None:
+        self.n_steps = _check_int(n_steps, "n_steps", 1)
+        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
+        self.span: tuple[float, float] | None = None
         self._seen = 0
         self._start = 0.0
 
-    def on_epoch_start(self, trainer: Trainer) -> None:
-        self.idle.release()
-        self.turn.acquire()
-        if self.abort:
-            raise BenchmarkAborted("benchmark stopped")
-        self._seen = 0
-
     def on_batch_start(self, trainer: Trainer, batch: Batch) -> None:
-        if self._seen == 0:
+        if self._seen == self.warmup_steps:
             self._start = time.perf_counter()
 
     def on_batch_end(self, trainer: Trainer, batch: Batch, terms: Any) -> None:
         self._seen += 1
-        if self._seen == self.n_batches:
-            end = time.perf_counter()
-            self.times.append(end - self._start)
-            self.spans.append((self._start, end))
+        if self._seen == self.warmup_steps + self.n_steps:
+            self.span = (self._start, time.perf_counter())
+
+    @property
+    def seconds(self) -> float:
+        if self.span is None:
+            raise RuntimeError(f"the fit ran {self._seen} steps, fewer than {self.warmup_steps} + {self.n_steps}")
+        return self.span[1] - self.span[0]
 
 
-class Lane:
-    """One configuration's trainer running ``fit`` in a thread, one block per turn."""
-
-    def __init__(self, name: str, trainer: Trainer, batches: Sequence[Batch]) -> None:
-        self.name = name
-        self.trainer = trainer
-        self.batches = list(batches)
-        self.feed = TurnTaking(len(self.batches))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._fit, name=f"lane-{name}", daemon=True)
-        self.thread.start()
-        self.feed.idle.acquire()  # fit has set up and waits for its first turn
-
-    def _fit(self) -> None:
-        try:
-            self.trainer.fit(self.batches, callbacks=[self.feed])
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
-            self.error = error
-        finally:
-            self.feed.idle.release()
-
-    def run_turn(self) -> float:
-        """Let the lane train one block; return its seconds (raises what the lane raised)."""
-        if not self.thread.is_alive():
-            raise RuntimeError(f"lane {self.name} has no epochs left (or failed: {self.error!r})")
-        self.feed.turn.release()
-        self.feed.idle.acquire()
-        if self.error is not None:
-            raise RuntimeError(f"lane {self.name} failed") from self.error
-        return self.feed.times[-1]
-
-    def stop(self) -> None:
-        """End the lane's ``fit`` early (no-op once it finished)."""
-        if self.thread.is_alive():
-            self.feed.abort = True
-            self.feed.turn.release()
-            self.thread.join(timeout=30)
+def run_block(problem: Problem, config: str, device: str = "cpu") -> tuple[Trainer, BlockTimer]:
+    """One block: a fresh trainer for ``config`` fits one epoch of ``1 + len(problem.batches)``
+    steps, the first batch twice; the first step (which also creates AdamW's state) is a
+    warm-up, the other ``len(problem.batches)`` steps are timed."""
+    trainer = make_trainer(problem, config, epochs=1, device=device)
+    timer = BlockTimer(len(problem.batches), warmup_steps=1)
+    trainer.fit([problem.batches[0], *problem.batches], callbacks=[timer])
+    return trainer, timer
 
 
-def time_lanes(lanes: Sequence[Lane], rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    """Block seconds per lane and round; the first lane is the baseline.
+def time_blocks(problem: Problem, configs: Sequence[str], rounds: int, seed: int = 0,
+                device: str = "cpu") -> dict[str, list[float]]:  # fmt: skip
+    """Block seconds per configuration and round; ``configs[0]`` is the baseline.
 
-    Each lane first runs one untimed warm-up block. Each round runs the baseline first and
-    last (its entry is the mean of the two) and the others in between, shuffled. The lanes
-    must have been built with ``1 + rounds * (2 if baseline else 1)`` epochs.
+    Every configuration first runs one untimed block. Each round runs the baseline first and
+    last (its entry is the mean of the two) and the others in between, in an order shuffled
+    anew each round, so that a slow spell of a shared machine falls on every configuration
+    alike. One block runs at a time, in this process: no threads.
     """
     _check_int(rounds, "rounds", 1)
-    if not lanes:
-        raise ValueError("lanes must not be empty")
+    if not configs:
+        raise ValueError("configs must not be empty")
     rng = random.Random(seed)
-    for lane in lanes:
-        lane.run_turn()
-    times: dict[str, list[float]] = {lane.name: [] for lane in lanes}
-    others = list(lanes[1:])
+    for name in configs:
+        run_block(problem, name, device)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    others = list(configs[1:])
     for _ in range(rounds):
         rng.shuffle(others)
         gc.collect()
-        first = lanes[0].run_turn()
-        for lane in others:
+        first = run_block(problem, configs[0], device)[1].seconds
+        for name in others:
             gc.collect()
-            times[lane.name].append(lane.run_turn())
+            times[name].append(run_block(problem, name, device)[1].seconds)
         gc.collect()
-        times[lanes[0].name].append((first + lanes[0].run_turn()) / 2.0)
+        times[configs[0]].append((first + run_block(problem, configs[0], device)[1].seconds) / 2.0)
     return times
-
-
-def lane_epochs(rounds: int, baseline: bool) -> int:
-    """Epochs a lane's trainer needs for :func:`time_lanes` (warm-up block included)."""
-    return 1 + rounds * (2 if baseline else 1)
-
-
-
-
 
 
 # --------------------------------------------------------------------------- memory
@@ -362,15 +313,7 @@ def benchmark(
     if not configs or configs[0] != BASELINE:
         raise ValueError(f"configs must start with the baseline {BASELINE!r}, got {configs!r}")
     problem = make_problem(n_tasks, batch_size=batch_size, n_batches=block_steps, seed=seed, device=device)
-    lanes: list[Lane] = []
-    try:
-        for k, name in enumerate(configs):
-            trainer = make_trainer(problem, name, lane_epochs(rounds, baseline=k == 0), device)
-            lanes.append(Lane(name, trainer, problem.batches))
-        times = time_lanes(lanes, rounds, seed=seed)
-    finally:
-        for lane in lanes:
-            lane.stop()
+    times = time_blocks(problem, configs, rounds, seed=seed, device=device)
     ratios = round_ratios(times, configs[0])
     forward = forward_peak(problem, device)
     peaks = {name: step_peak(problem, name, device) for name in configs}

@@ -1,16 +1,16 @@
-"""Helpers of benchmarks/trainer_step.py: turn-taking lanes, ratios, quantiles and memory peaks.
+"""Helpers of benchmarks/trainer_step.py: timed blocks, ratios, quantiles and memory peaks.
 
 No timing is asserted (the machine is shared); what is checked is that the machinery
-measures what it claims: lanes never overlap, each lane measures affinity exactly as often
-as its interval says, ratios are taken per round, and the memory peak follows allocations
-and frees.
+measures what it claims: a block times exactly its steps after the warm-up, each
+configuration measures affinity exactly as often as its interval says, every round has one
+block per configuration, ratios are taken per round, and the memory peak follows
+allocations and frees.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 import random
 import sys
 from pathlib import Path
@@ -94,35 +94,58 @@ def test_memory_probe_follows_allocations_and_frees(ts):
     assert mib <= sequential < mib + 64 * 1024
 
 
-def test_lanes_take_turns_and_measure_as_often_as_their_interval_says(ts, tiny):
-    rounds, block = 2, len(tiny.batches)
-    lanes = []
-    try:
-        for k, name in enumerate(ts.CONFIGS):
-            trainer = ts.make_trainer(tiny, name, ts.lane_epochs(rounds, baseline=k == 0))
-            lanes.append(ts.Lane(name, trainer, tiny.batches))
-        times = ts.time_lanes(lanes, rounds)
-    finally:
-        for lane in lanes:
-            lane.stop()
-    assert set(times) == set(ts.CONFIGS)
+def test_a_block_times_its_steps_after_the_warm_up_and_measures_as_its_interval_says(ts, tiny):
+    block = len(tiny.batches)
+    updates, spans = {}, {}
+    for name in ts.CONFIGS:
+        trainer, timer = ts.run_block(tiny, name)
+        assert len(trainer.history) == 1 and timer.seconds > 0  # one epoch, one timed block
+        assert timer._seen == block + 1  # the warm-up step and the block's steps, nothing more
+        spans[name] = timer.span
+        if trainer.adatt is not None:
+            assert trainer.adatt.phase == "dynamic"
+            updates[name] = int(trainer.adatt.affinity_computer.n_updates)
+    # step 0 (the warm-up) measures, then every interval-th step
+    assert updates["adatt_every1"] == updates["adatt_every1_loop"] == block + 1
+    assert updates["adatt_every10"] == 1 + block // 10
+    assert updates["adatt_transfer_only"] == 1  # only the untimed warm-up step
+    assert "plain" not in updates
+    # blocks run one after another, in this thread
+    ordered = sorted(spans.values())
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(ordered, ordered[1:]))
+
+
+def test_every_round_times_one_block_per_configuration(ts, tiny, monkeypatch):
+    calls = []
+    real = ts.run_block
+
+    def counting(problem, config, device="cpu"):
+        calls.append(config)
+        return real(problem, config, device)
+
+    monkeypatch.setattr(ts, "run_block", counting)  # a module function of the script, not the trainer
+    rounds = 2
+    times = ts.time_blocks(tiny, ("plain", "adatt_every1", "adatt_every10"), rounds, seed=3)
+    assert set(times) == {"plain", "adatt_every1", "adatt_every10"}
     assert all(len(v) == rounds and all(t > 0 for t in v) for v in times.values())
-    for lane in lanes:
-        lane.thread.join(timeout=10)
-        assert not lane.thread.is_alive() and lane.error is None  # fit ran to its last epoch
-        assert len(lane.trainer.history) == len(lane.feed.spans)
-    # no two timed blocks overlap in time, whichever lanes they belong to
-    spans = sorted(span for lane in lanes for span in lane.feed.spans)
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
-    steps = {lane.name: len(lane.feed.spans) * block for lane in lanes}
-    updates = {lane.name: int(lane.trainer.adatt.affinity_computer.n_updates) for lane in lanes[1:]}
-    assert lanes[0].trainer.adatt is None
-    assert updates["adatt_every1"] == steps["adatt_every1"]
-    assert updates["adatt_every1_loop"] == steps["adatt_every1_loop"]
-    assert lanes[-1].trainer.adatt.affinity_computer.extraction == "loop"
-    assert updates["adatt_every10"] == math.ceil(steps["adatt_every10"] / 10)
-    assert updates["adatt_transfer_only"] == 1  # only step 0, in the untimed warm-up block
-    assert all(lane.trainer.adatt.phase == "dynamic" for lane in lanes[1:])
+    warm, timed = calls[:3], calls[3:]
+    assert warm == ["plain", "adatt_every1", "adatt_every10"]
+    for r in range(rounds):  # baseline first and last, the others once each in between
+        this_round = timed[4 * r:4 * r + 4]
+        assert this_round[0] == this_round[-1] == "plain"
+        assert sorted(this_round[1:3]) == ["adatt_every1", "adatt_every10"]
+    with pytest.raises(ValueError, match="rounds"):
+        ts.time_blocks(tiny, ("plain",), 0)
+    with pytest.raises(ValueError, match="configs"):
+        ts.time_blocks(tiny, (), 1)
+
+
+def test_block_timer_refuses_a_short_fit(ts):
+    timer = ts.BlockTimer(3, warmup_steps=1)
+    with pytest.raises(RuntimeError, match="fewer than"):
+        timer.seconds
+    with pytest.raises(ValueError, match="n_steps"):
+        ts.BlockTimer(0)
 
 
 def test_a_measured_step_is_flagged_and_needs_more_memory(ts, tiny):
