@@ -530,3 +530,24 @@ def test_study_reexports_the_split_modules():
     assert study.plot_paired is study_plots.plot_paired and "run_grid" in dir(study)
     with pytest.raises(AttributeError, match="no attribute"):
         study.no_such_name
+
+
+def test_study_plots_draw_one_row_per_config_and_refuse_missing_data():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = load_table(REPO / "mtlbook" / "tables" / "study_verdict.csv")
+    census = table.loc[table["dataset"] == "census"]
+    paired = study.paired_differences(census)
+    n_configs = census["config"].nunique() - 1  # every config but the reference
+    ax = study.plot_paired(paired, "census")
+    assert len(ax.patches) == n_configs and len(ax.get_yticklabels()) == n_configs
+    ax = study.plot_task_means(study.summarize(census), "census", "income", configs=["ple_uw", "ple_uw_adatt"])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["PLE + UW", "PLE + UW + adaTT"]
+    with pytest.raises(ValueError, match="no averaged rows"):
+        study.plot_paired(paired, "cmapss")
+    with pytest.raises(ValueError, match="no rows"):
+        study.plot_task_means(study.summarize(census), "census", "weeks_worked")
+    plt.close("all")
