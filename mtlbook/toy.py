@@ -395,14 +395,8 @@ def _divergence_limit(theta0: float) -> float:
 # -------------------------------------------------------------------------- simulators
 
 
-def simulate(
-    rho: float,
-    optimizer: str = "sgd",
-    lr: float = 0.05,
-    n_steps: int = 60,
-    theta0: float = 0.0,
-    **opt_kwargs: Any,
-) -> ToyResult:
+def simulate(rho: float, optimizer: str = "sgd", lr: float = 0.05, n_steps: int = 60, theta0: float = 0.0,
+             **opt_kwargs: Any) -> ToyResult:
     """Train the shared scalar on ``L1 + L2`` with one of :data:`OPTIMIZERS` (float64 numpy).
 
     ``opt_kwargs`` overrides the rule's hyperparameters (``momentum`` for ``"momentum"``,
@@ -536,14 +530,8 @@ def _make_torch_optimizer(
     return torch.optim.Adam(params, lr=lr, betas=hyper["betas"], eps=hyper["eps"])
 
 
-def simulate_torch(
-    rho: float,
-    optimizer: str = "sgd",
-    lr: float = 0.05,
-    n_steps: int = 60,
-    theta0: float = 0.0,
-    **opt_kwargs: Any,
-) -> ToyResult:
+def simulate_torch(rho: float, optimizer: str = "sgd", lr: float = 0.05, n_steps: int = 60, theta0: float = 0.0,
+                   **opt_kwargs: Any) -> ToyResult:
     """Same run as :func:`simulate`, but with :class:`ToyModel`, autograd and ``torch.optim``
     (``SGD``, ``SGD(momentum=...)`` or ``Adam``) in float64. Same result convention,
     same divergence handling, same errors."""

@@ -59,11 +59,8 @@ def diagnose(
     n_batches: int | None = None,
     noise_baseline: bool = True,
     split: Callable[[Any], tuple[Any, Any]] | None = None,
-    alpha: float = 0.05,
-    imbalance_threshold: float = 10.0,
-    blocking_threshold: float = -0.1,
-    transfer_lambda: float = 0.1,
-    ema_decay: float = 0.9,
+    alpha: float = 0.05, imbalance_threshold: float = 10.0, blocking_threshold: float = -0.1,
+    transfer_lambda: float = 0.1, ema_decay: float = 0.9,  # the findings' settings (check_settings)
 ) -> DiagnosisReport:
     """Measure per-task gradients on the shared parameters at the model's current weights.
 

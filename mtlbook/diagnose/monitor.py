@@ -67,11 +67,8 @@ class GradientMonitor:
         *,
         task_losses: Callable[[Any], Mapping[str, Tensor]] | None = None,
         split: Callable[[Any], tuple[Any, Any]] | None = None,
-        alpha: float = 0.05,
-        imbalance_threshold: float = 10.0,
-        blocking_threshold: float = -0.1,
-        transfer_lambda: float = 0.1,
-        ema_decay: float = 0.9,
+        alpha: float = 0.05, imbalance_threshold: float = 10.0, blocking_threshold: float = -0.1,
+        transfer_lambda: float = 0.1, ema_decay: float = 0.9,  # the findings' settings (check_settings)
     ) -> None:
         self.params = as_parameter_list(shared_parameters)
         if isinstance(task_names, str) or not isinstance(task_names, Sequence) or not task_names:

@@ -276,40 +276,20 @@ REAL_SEEDS_EXTENDED: dict[str, int] = {"census_many": 36}
 SIZES: dict[str, StudySize] = {
     # 1-10 s per cell on one (shared) thread: the whole default grid in about a quarter of an hour
     "small": StudySize(
-        name="small",
-        seeds=(0, 1, 2, 3, 4),
-        suite_rows=(1200, 400, 1000),
-        census_rows=(2000, 1000, 5000),
+        name="small", seeds=(0, 1, 2, 3, 4), suite_rows=(1200, 400, 1000), census_rows=(2000, 1000, 5000),
         model={"n_levels": 1, "n_shared_experts": 2, "n_task_experts": 1, "expert_hidden": (16,),
                "expert_dim": 8, "tower_hidden": (8,)},  # fmt: skip
-        phase1_epochs=6,
-        phase2_epochs=2,
-        batch_size=64,
-        lr=1e-2,
-        warmup_epochs=1,
-        patience=5,
-        adatt_warmup_epochs=1,
-        adatt_freeze_epoch=4,
-        adatt_grad_interval=5,
+        phase1_epochs=6, phase2_epochs=2, batch_size=64, lr=1e-2, warmup_epochs=1, patience=5,
+        adatt_warmup_epochs=1, adatt_freeze_epoch=4, adatt_grad_interval=5,
         per_dataset=REAL_SETTINGS,
     ),
     # the library's schedule (adaTT warmup 2, freeze at 10 of 15 epochs), 20 seeds, more data
     "full": StudySize(
-        name="full",
-        seeds=tuple(range(20)),
-        suite_rows=(6000, 2000, 2000),
-        census_rows=(20000, 5000, 0),
+        name="full", seeds=tuple(range(20)), suite_rows=(6000, 2000, 2000), census_rows=(20000, 5000, 0),
         model={"n_levels": 2, "n_shared_experts": 2, "n_task_experts": 1, "expert_hidden": (32,),
                "expert_dim": 16, "tower_hidden": (16,)},  # fmt: skip
-        phase1_epochs=15,
-        phase2_epochs=5,
-        batch_size=128,
-        lr=3e-3,
-        warmup_epochs=2,
-        patience=5,
-        adatt_warmup_epochs=2,
-        adatt_freeze_epoch=10,
-        adatt_grad_interval=10,
+        phase1_epochs=15, phase2_epochs=5, batch_size=128, lr=3e-3, warmup_epochs=2, patience=5,
+        adatt_warmup_epochs=2, adatt_freeze_epoch=10, adatt_grad_interval=10,
     ),
 }
 
