@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from mtlbook.experiments.inference import mde, sign_flip_test, tost
+from mtlbook.experiments.study_configs import METHOD_CONFIGS, REFERENCE, get_config
 
 __all__ = [
     "ALPHA",
@@ -94,9 +95,8 @@ CONTRASTS: tuple[Contrast, ...] = (
 #: families, and their Holm corrections, as declared. Each method replaces the loss weighting
 #: (its base is itself, like GradNorm's): the contrast compares two ways to weight the same PLE.
 METHOD_CONTRASTS: tuple[Contrast, ...] = tuple(
-    Contrast(f"{name}_vs_uw", name, "ple_uw", f"{label} instead of UW", "methods")
-    for name, label in (("ple_mgda", "MGDA"), ("ple_cagrad", "CAGrad"), ("ple_nash", "Nash-MTL"),
-                        ("ple_aligned", "Aligned-MTL"), ("ple_upgrad", "UPGrad"), ("ple_rlw", "random loss weights"))
+    Contrast(f"{name}_vs_uw", name, REFERENCE, f"{get_config(name).label} instead of UW", "methods")
+    for name in METHOD_CONFIGS
 )
 
 
