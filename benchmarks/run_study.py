@@ -26,8 +26,9 @@ The table goes to ``mtlbook/tables/study_<size>.csv`` unless ``--out`` says othe
 can be stopped and started again: finished cells are read back from the file and skipped,
 failed cells are tried again (``--keep-failed`` leaves them alone). Every cell trains on one
 CPU thread; ``--n-jobs`` runs that many cells at once in separate processes (joblib's
-default process backend). ``--configs primary`` / ``secondary`` name the groups
-``PRIMARY_CONFIGS`` / ``SECONDARY_CONFIGS``.
+default process backend). ``--configs primary`` / ``secondary`` / ``real`` / ``methods`` / ``ablations`` /
+``weighting`` name the groups ``PRIMARY_CONFIGS`` / ``SECONDARY_CONFIGS`` /
+``REAL_PRIMARY_CONFIGS`` / ``METHOD_CONFIGS`` / ``ABLATION_CONFIGS`` / ``WEIGHTING_CONFIGS``.
 
 **More than one machine: Dask.** ``--backend dask`` sends the cells to a Dask cluster through
 joblib's Dask backend (``run_grid(..., backend="dask")``); the table is still written by this
@@ -57,14 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtlbook.experiments.study import (  # noqa: E402
-    CONFIG_NAMES, DATASETS, METHOD_CONFIGS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
+    ABLATION_CONFIGS, WEIGHTING_CONFIGS, CONFIG_NAMES, DATASETS, METHOD_CONFIGS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
 )
 from mtlbook.experiments.lr_search import (  # noqa: E402
     LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
 )
 
 GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "real": REAL_PRIMARY_CONFIGS,
-          "methods": METHOD_CONFIGS,
+          "methods": METHOD_CONFIGS, "ablations": ABLATION_CONFIGS, "weighting": WEIGHTING_CONFIGS,
           "all": CONFIG_NAMES}
 
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=tuple(SIZES), default="small", help="grid size (default: small)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: mtlbook/tables/study_<size>.csv)")
     parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES + tuple(GROUPS), default=["all"],
-                        help="config names or groups (primary, secondary, all; default: all)")
+                        help="config names or groups (primary, secondary, real, methods, ablations, weighting, all; "
+                             "default: all)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the size's)")
     parser.add_argument("--n-jobs", "--workers", dest="n_jobs", type=int, default=1,

@@ -3,6 +3,7 @@ and verdict design."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -197,3 +198,28 @@ def test_method_contrasts_are_a_family_of_their_own():
     assert methods.loc["ple_rlw_vs_uw", "mean"] == 0.0 and not methods.loc["ple_rlw_vs_uw", "significant"]
     primary = contrast_table(table)
     assert set(primary["family"]) <= {"primary", "secondary"}
+
+
+def test_ablation_and_weighting_contrasts_change_one_thing_each():
+    from mtlbook.experiments.design import ABLATION_CONTRASTS, WEIGHTING_CONTRASTS
+    from mtlbook.experiments.study import ABLATION_CONFIGS, WEIGHTING_CONFIGS, get_config
+
+    assert [c.candidate for c in ABLATION_CONTRASTS] == list(ABLATION_CONFIGS)
+    assert {c.reference for c in ABLATION_CONTRASTS} == {"ple_uw_adatt"}
+    default = get_config("ple_uw_adatt")
+    for contrast in ABLATION_CONTRASTS:  # one adaTT setting changed, nothing else
+        knob = get_config(contrast.candidate)
+        assert len(knob.adatt) == 1 and dataclasses.replace(knob, name=default.name, label=default.label,
+                                                            kind=default.kind, adatt=()) == default
+    assert {c.candidate for c in WEIGHTING_CONTRASTS} == set(WEIGHTING_CONFIGS) | {"ple_uw"}
+    assert {c.reference for c in WEIGHTING_CONTRASTS} == {"ple_equal"}
+    for contrast in WEIGHTING_CONTRASTS:  # none of them uses adaTT or a gate freeze
+        config = get_config(contrast.candidate)
+        assert config.adatt is None and not config.gate_freeze and not config.tuned_weights
+    # each family is corrected on its own: a large effect in one leaves the other's Holm alone
+    table = _table({"ple_uw_adatt": 0.0, "adatt_T2": 0.01, "adatt_T0.5": 0.0, "ple_equal": 0.0, "ple_dwa": 0.0})
+    ablations = contrast_table(table, ABLATION_CONTRASTS).set_index("contrast")
+    weighting = contrast_table(table, WEIGHTING_CONTRASTS).set_index("contrast")
+    assert (ablations["family_size"] == 2).all() and ablations.loc["adatt_T2", "significant"]
+    assert list(weighting.index) == ["ple_dwa_vs_equal"] and not weighting["significant"].any()
+    assert set(ablations["family"]) == {"ablations"} and set(weighting["family"]) == {"weighting"}

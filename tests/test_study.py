@@ -442,6 +442,14 @@ def test_config_learning_rate_reaches_the_trainer():
         with pytest.raises(ValueError, match="lr must be"):
             StudyConfig("x", "x", "baseline", lr=bad)
     assert chosen_config("ple_uw", "cmapss", {("ple_uw", "cmapss"): 3e-3}).lr == 3e-3
+    # a control takes the reference's rate, an ablation default adaTT's, whatever their own search chose
+    own = {("ple_uw", "census"): 3e-3, ("adatt_lambda0", "census"): 1e-2, ("ple_uw_adatt", "census"): 3e-2,
+           ("adatt_T2", "census"): 1e-2}
+    assert chosen_config("adatt_lambda0", "census", own).lr == 3e-3
+    assert chosen_config("adatt_T2", "census", own).lr == 3e-2
+    assert chosen_config("ple_uw_adatt", "census", own).lr == 3e-2
+    with pytest.raises(ValueError, match="needed by 'ple_uw_freeze'"):
+        chosen_config("ple_uw_freeze", "census", {("ple_uw_freeze", "census"): 1e-2})
     with pytest.raises(ValueError, match="no chosen learning rate"):
         chosen_config("ple_uw", "census_many", {})
 
@@ -484,17 +492,40 @@ def test_lr_search_picks_the_argmax_of_the_stated_criterion():
 
 
 def test_chosen_learning_rates_come_from_the_committed_search():
-    search = load_table(REPO / "mtlbook" / "tables" / "study_lr_search.csv")
-    methods = load_table(REPO / "mtlbook" / "tables" / "study_lr_search_methods.csv")  # searched later
-    assert CHOSEN_LR == {**chosen_table(search), **chosen_table(methods)}
+    searches = {name: load_table(REPO / "mtlbook" / "tables" / name) for name in lr_search.SEARCH_TABLES}
+    expected = {}
+    for table in searches.values():  # each search scored on its own median
+        picked = chosen_table(table)
+        assert not set(picked) & set(expected)  # no (config, dataset) searched twice
+        expected.update(picked)
+    assert CHOSEN_LR == expected
     assert set(CHOSEN_LR.values()) <= set(LR_GRID)
-    assert {c for c, _ in CHOSEN_LR} == set(study.REAL_PRIMARY_CONFIGS) | set(study.METHOD_CONFIGS)
-    for table in (search, methods):
+    every_method = (set(study.REAL_PRIMARY_CONFIGS) | set(study.METHOD_CONFIGS) | set(study.PRIMARY_CONFIGS)
+                    | set(study.SECONDARY_CONFIGS) | set(study.ABLATION_CONFIGS) | set(study.WEIGHTING_CONFIGS))
+    assert {c for c, _ in CHOSEN_LR} == every_method
+    # the verdict's configurations have a searched lr on every dataset of the study
+    for name in study.PRIMARY_CONFIGS:
+        assert {d for c, d in CHOSEN_LR if c == name} == set(study.DATASETS)
+    for table in searches.values():
         assert set(table["seed"]) == set(SEARCH_SEEDS) and not set(SEARCH_SEEDS) & set(range(50))
         counts = lr_search.search_rows(table).drop_duplicates(["config", "dataset", "seed"]).groupby(
             ["dataset", "base_config"]).size()
         assert (counts == len(LR_GRID) * len(SEARCH_SEEDS)).all()  # the same trials for every method
-        assert set(table["dataset"]) == set(study.REAL_DATASETS)
+        assert set(table["dataset"]) <= set(study.DATASETS)
+
+
+@pytest.mark.parametrize("config, dataset", [("ple_uw", "census"), ("ple_pcgrad", "suite_conflict"),
+                                             ("adatt_lambda0", "census")])
+def test_verdict_cells_ran_at_their_chosen_lr(config, dataset):
+    # the table has no lr column: a cell the search moved off the size's lr, re-run at its
+    # evaluation lr, must give back its stored rows bit for bit (at the size's lr it would not).
+    # adatt_lambda0 on census: its own search picked the size's lr, the reference's did not
+    assert lr_search.evaluation_lr(config, dataset) != study.SIZES["small"].lr
+    table = load_table(REPO / "mtlbook" / "tables" / "study_verdict.csv")
+    stored = table.loc[(table["config"] == config) & (table["dataset"] == dataset) & (table["seed"] == 0)]
+    live = study.run_cell(lr_search.chosen_config(config, dataset), dataset, 0, "small")
+    assert [(task, value) for task, _, value in live.metrics] == list(zip(stored["task"], stored["value"]))
+    assert set(zip(table["config"], table["dataset"])) <= set(CHOSEN_LR)  # every cell had a search
 
 
 def test_lr_search_scores_validation_not_test(tmp_path):

@@ -19,7 +19,10 @@ contrast                   candidate                    reference               
 ========================  ===========================  ===========================  ===========
 
 plus baselines (adaTT vs tuned static weights, tuned static weights vs PLE + UW, and the
-sources' "PLE vs PLE + adaTT" on equal weights).
+sources' "PLE vs PLE + adaTT" on equal weights), and three more families declared with their
+configurations: :data:`METHOD_CONTRASTS` (gradient aggregators vs UW), :data:`ABLATION_CONTRASTS`
+(adaTT's knobs vs default adaTT) and :data:`WEIGHTING_CONTRASTS` (balancers, UW and single-task
+models vs equal weights).
 
 Every contrast is scored by the per-seed **task-averaged relative change** of the candidate
 over the reference, in %: :math:`d_k = \frac{100}{T}\sum_t \Delta(m^{c}_{k,t}, m^{r}_{k,t})`
@@ -47,13 +50,17 @@ import numpy as np
 import pandas as pd
 
 from mtlbook.experiments.inference import mde, sign_flip_test, tost
-from mtlbook.experiments.study_configs import METHOD_CONFIGS, REFERENCE, get_config
+from mtlbook.experiments.study_configs import (
+    ABLATION_CONFIGS, CANDIDATE, METHOD_CONFIGS, REFERENCE, SINGLE_TASK, WEIGHTING_CONFIGS, get_config,
+)
 
 __all__ = [
+    "ABLATION_CONTRASTS",
     "ALPHA",
     "CONTRASTS",
     "EQUIVALENCE_MARGIN",
     "METHOD_CONTRASTS",
+    "WEIGHTING_CONTRASTS",
     "Contrast",
     "cause_verdict",
     "contrast_differences",
@@ -97,6 +104,24 @@ CONTRASTS: tuple[Contrast, ...] = (
 METHOD_CONTRASTS: tuple[Contrast, ...] = tuple(
     Contrast(f"{name}_vs_uw", name, REFERENCE, f"{get_config(name).label} instead of UW", "methods")
     for name in METHOD_CONFIGS
+)
+
+#: adaTT's knobs against default adaTT: one setting differs in each (family ``"ablations"``).
+ABLATION_CONTRASTS: tuple[Contrast, ...] = tuple(
+    Contrast(name, name, CANDIDATE, f"{get_config(name).label} instead of the default", "ablations")
+    for name in ABLATION_CONFIGS
+)
+
+#: The first edition's balancers, UW and the single-task models against PLE on equal weights
+#: (family ``"weighting"``). GradNorm and DWA replace the equal weights, PCGrad projects the
+#: equal-weight gradients: equal weights are the base each of them changes, so this is the
+#: comparison that changes one thing (against PLE + UW it would change two).
+#: ``single_task`` vs ``ple_equal`` asks whether sharing helps at all (negative = it does).
+WEIGHTING_CONTRASTS: tuple[Contrast, ...] = tuple(
+    Contrast(f"{name}_vs_equal", name, "ple_equal",
+             "one model per task instead of one shared" if name == SINGLE_TASK
+             else f"{get_config(name).label} instead of equal weights", "weighting")
+    for name in (*(n for n in WEIGHTING_CONFIGS if n != SINGLE_TASK), REFERENCE, SINGLE_TASK)
 )
 
 

@@ -29,9 +29,11 @@ method. Its search score is the validation metric of the weight trial it kept, w
 slightly on the search (the pick and the score share the split); this only affects which
 learning rate it gets.
 
-:data:`CHOSEN_LR` holds the rates picked from the committed search table
-``mtlbook/tables/study_lr_search.csv`` (a test checks that :func:`select_lr` on that table gives
-exactly these values).
+:data:`CHOSEN_LR` holds the rates picked from the committed search tables
+:data:`SEARCH_TABLES` (a test checks that :func:`select_lr` on each table gives exactly these
+values). The searches ran in four stages: the real problems' primary configurations, the
+gradient-aggregation methods, the synthetic suites and two-task census, then adaTT's knobs, the
+first edition's balancers and the single-task models.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ __all__ = [
     "CHOSEN_LR",
     "LR_GRID",
     "SEARCH_SEEDS",
+    "SEARCH_TABLES",
     "chosen_config",
+    "evaluation_lr",
+    "lr_source",
     "lr_scores",
     "run_lr_search",
     "search_config",
@@ -63,8 +68,13 @@ __all__ = [
 LR_GRID: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
 #: The search seeds: disjoint from the evaluation seeds 0..N-1 of the study.
 SEARCH_SEEDS: tuple[int, ...] = (100, 101)
+#: The committed search tables (package data), in the order they were run. Each is scored on
+#: its own (:func:`select_lr`: relative to its own median), so a later search never moves an
+#: earlier choice.
+SEARCH_TABLES: tuple[str, ...] = ("study_lr_search.csv", "study_lr_search_methods.csv", "study_lr_search_suites.csv",
+                                  "study_lr_search_ablations.csv")  # fmt: skip
 #: The learning rate chosen for each (configuration, dataset) by :func:`select_lr` on the
-#: committed search table (filled in from ``mtlbook/tables/study_lr_search.csv``).
+#: committed search tables :data:`SEARCH_TABLES`.
 CHOSEN_LR: dict[tuple[str, str], float] = {
     ("ple_uw", "census_many"): 0.003,
     ("ple_uw_adatt", "census_many"): 0.003,
@@ -91,6 +101,59 @@ CHOSEN_LR: dict[tuple[str, str], float] = {
     ("ple_aligned", "cmapss"): 0.003,
     ("ple_upgrad", "cmapss"): 0.01,
     ("ple_rlw", "cmapss"): 0.03,
+    # the synthetic suites and two-task census, searched after the real problems (mtlbook/tables/study_lr_search_suites.csv)
+    ("adatt_lambda0", "suite_conflict"): 0.01,
+    ("adatt_no_cofreeze", "suite_conflict"): 0.01,
+    ("ple_adatt", "suite_conflict"): 0.03,
+    ("ple_equal", "suite_conflict"): 0.03,
+    ("ple_ls_tuned", "suite_conflict"): 0.03,
+    ("ple_uw", "suite_conflict"): 0.01,
+    ("ple_uw_adatt", "suite_conflict"): 0.01,
+    ("ple_uw_freeze", "suite_conflict"): 0.01,
+    ("adatt_lambda0", "suite_benign"): 0.01,
+    ("adatt_no_cofreeze", "suite_benign"): 0.01,
+    ("ple_adatt", "suite_benign"): 0.01,
+    ("ple_equal", "suite_benign"): 0.01,
+    ("ple_ls_tuned", "suite_benign"): 0.01,
+    ("ple_uw", "suite_benign"): 0.01,
+    ("ple_uw_adatt", "suite_benign"): 0.01,
+    ("ple_uw_freeze", "suite_benign"): 0.01,
+    ("adatt_lambda0", "census"): 0.01,
+    ("adatt_no_cofreeze", "census"): 0.003,
+    ("ple_adatt", "census"): 0.01,
+    ("ple_equal", "census"): 0.003,
+    ("ple_ls_tuned", "census"): 0.01,
+    ("ple_uw", "census"): 0.003,
+    ("ple_uw_adatt", "census"): 0.003,
+    ("ple_uw_freeze", "census"): 0.01,
+    # adaTT's knobs, the first edition's balancers and single-task models, searched last (mtlbook/tables/study_lr_search_ablations.csv)
+    ("adatt_T0.5", "suite_conflict"): 0.01,
+    ("adatt_T2", "suite_conflict"): 0.01,
+    ("adatt_no_blocking", "suite_conflict"): 0.01,
+    ("adatt_no_prior", "suite_conflict"): 0.01,
+    ("adatt_zero_logit", "suite_conflict"): 0.01,
+    ("ple_dwa", "suite_conflict"): 0.03,
+    ("ple_gradnorm", "suite_conflict"): 0.03,
+    ("ple_pcgrad", "suite_conflict"): 0.03,
+    ("single_task", "suite_conflict"): 0.03,
+    ("adatt_T0.5", "suite_benign"): 0.01,
+    ("adatt_T2", "suite_benign"): 0.01,
+    ("adatt_no_blocking", "suite_benign"): 0.01,
+    ("adatt_no_prior", "suite_benign"): 0.01,
+    ("adatt_zero_logit", "suite_benign"): 0.01,
+    ("ple_dwa", "suite_benign"): 0.01,
+    ("ple_gradnorm", "suite_benign"): 0.01,
+    ("ple_pcgrad", "suite_benign"): 0.01,
+    ("single_task", "suite_benign"): 0.01,
+    ("adatt_T0.5", "census"): 0.003,
+    ("adatt_T2", "census"): 0.003,
+    ("adatt_no_blocking", "census"): 0.003,
+    ("adatt_no_prior", "census"): 0.003,
+    ("adatt_zero_logit", "census"): 0.003,
+    ("ple_dwa", "census"): 0.003,
+    ("ple_gradnorm", "census"): 0.003,
+    ("ple_pcgrad", "census"): 0.003,
+    ("single_task", "census"): 0.01,
 }
 
 _NAME = re.compile(r"^(?P<config>.+)@lr=(?P<lr>[0-9.eE+-]+)$")
@@ -105,15 +168,39 @@ def search_config(name: str, lr: float):
     return replace(get_config(name), name=f"{name}@lr={lr:g}", lr=float(lr))
 
 
+def lr_source(name: str) -> str:
+    """The configuration whose chosen learning rate ``name`` is evaluated at.
+
+    A method is evaluated at its own chosen rate. The design's controls (``kind ==
+    "control"``: ``adatt_lambda0``, ``ple_uw_freeze``, ``adatt_no_cofreeze``) are instruments,
+    not methods: they take the reference's rate (``ple_uw``), and adaTT's ablations (``kind ==
+    "ablation"``) take default adaTT's, so that each contrast of
+    :mod:`~mtlbook.experiments.design` changes the one part it isolates and not the learning
+    rate as well. They are still searched like everything else (:data:`CHOSEN_LR`), so a
+    reader can see where their own search would have picked another rate.
+    """
+    from mtlbook.experiments.study_configs import CANDIDATE, REFERENCE, get_config
+
+    kind = get_config(name).kind
+    return REFERENCE if kind == "control" else CANDIDATE if kind == "ablation" else name
+
+
+def evaluation_lr(name: str, dataset: str, chosen: dict[tuple[str, str], float] | None = None) -> float:
+    """The learning rate ``name`` is evaluated at on ``dataset``: ``chosen[(lr_source(name), dataset)]``."""
+    chosen = CHOSEN_LR if chosen is None else chosen
+    source = lr_source(name)
+    if (source, dataset) not in chosen:
+        known = sorted({c for c, d in chosen if d == dataset})
+        raise ValueError(f"no chosen learning rate for config {source!r} on dataset {dataset!r} "
+                         f"(needed by {name!r}); known: {known}")  # fmt: skip
+    return float(chosen[(source, dataset)])
+
+
 def chosen_config(name: str, dataset: str, chosen: dict[tuple[str, str], float] | None = None):
-    """The study configuration ``name`` at the learning rate chosen for ``dataset`` (same name)."""
+    """The study configuration ``name`` at its :func:`evaluation_lr` on ``dataset`` (same name)."""
     from mtlbook.experiments.study import get_config
 
-    chosen = CHOSEN_LR if chosen is None else chosen
-    if (name, dataset) not in chosen:
-        known = sorted({c for c, d in chosen if d == dataset})
-        raise ValueError(f"no chosen learning rate for config {name!r} on dataset {dataset!r}; known: {known}")
-    return replace(get_config(name), lr=float(chosen[(name, dataset)]))
+    return replace(get_config(name), lr=evaluation_lr(name, dataset, chosen))
 
 
 def search_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import torch
 
 from mtlbook.data.batch import MultiTaskDataset
 from mtlbook.experiments.study_configs import (  # noqa: F401 - re-exported
+    ABLATION_CONFIGS,
     CANDIDATE,
     COLUMNS,
     CONFIG_NAMES,
@@ -50,6 +51,7 @@ from mtlbook.experiments.study_configs import (  # noqa: F401 - re-exported
     SIZES,
     StudyConfig,
     StudySize,
+    WEIGHTING_CONFIGS,
     get_config,
     get_size,
 )

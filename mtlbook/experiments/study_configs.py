@@ -25,6 +25,8 @@ __all__ = [
     "REAL_SETTINGS",
     "REFERENCE",
     "SECONDARY_CONFIGS",
+    "ABLATION_CONFIGS",
+    "WEIGHTING_CONFIGS",
     "METHOD_CONFIGS",
     "METHOD_SEEDS",
     "SINGLE_TASK",
@@ -77,6 +79,12 @@ REAL_PRIMARY_CONFIGS: tuple[str, ...] = ("ple_uw", "ple_uw_adatt", "adatt_lambda
                                          "adatt_no_cofreeze")  # fmt: skip
 #: Baselines run after the primary configurations when time allows.
 SECONDARY_CONFIGS: tuple[str, ...] = ("ple_ls_tuned", "ple_adatt", "ple_equal")
+#: adaTT's knobs: default adaTT with one setting changed each (the first edition's ablations).
+ABLATION_CONFIGS: tuple[str, ...] = ("adatt_no_prior", "adatt_no_blocking", "adatt_zero_logit", "adatt_T0.5",
+                                     "adatt_T2")  # fmt: skip
+#: The first edition's loss balancers (each replaces the weighting; PCGrad projects the
+#: equal-weight gradients) and the single-task models: compared with PLE on equal weights.
+WEIGHTING_CONFIGS: tuple[str, ...] = ("ple_gradnorm", "ple_dwa", "ple_pcgrad", "single_task")
 #: The gradient-aggregation baselines (torchjd) and random loss weighting, on the real datasets
 #: after the primary configurations, with the same learning-rate search.
 METHOD_CONFIGS: tuple[str, ...] = ("ple_mgda", "ple_cagrad", "ple_nash", "ple_aligned", "ple_upgrad", "ple_rlw")
