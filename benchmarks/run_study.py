@@ -4,23 +4,34 @@ Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
 
     MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/run_study.py --size small
     MTLBOOK_DATA=../shared/data .venv/bin/python benchmarks/run_study.py --size full --n-jobs 8
-    # chapter 8's verdict table: the primary configurations at 20 seeds, one dataset after
-    # the other (conflict suite first), then the baselines on the conflict suite
-    for data in suite_conflict suite_benign census; do
-      MTLBOOK_DATA=../shared/data nice .venv/bin/python benchmarks/run_study.py --size small \
-          --configs primary --seeds 20 --datasets $data --n-jobs 3 --out mtlbook/tables/study_verdict.csv
-    done
-    MTLBOOK_DATA=../shared/data nice .venv/bin/python benchmarks/run_study.py --size small \
-        --configs secondary --seeds 20 --datasets suite_conflict --n-jobs 3 --out mtlbook/tables/study_verdict.csv
 
-The real many-task datasets (``census_many``, ``cmapss``) first get the learning-rate search
-(validation split, search seeds, every configuration the same lrs), then the evaluation at
-the chosen lr (``CHOSEN_LR`` of ``mtlbook.experiments.lr_search``)::
+Chapter 8's verdict table: every configuration first gets the learning-rate search
+(validation split, search seeds, the same lrs for every configuration), then the evaluation
+at its chosen lr (``--lr chosen``: ``evaluation_lr`` of ``mtlbook.experiments.lr_search``,
+where the design's controls take the reference's rate)::
 
-    MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/run_study.py --lr-search \
-        --configs real --datasets census_many cmapss --n-jobs 2 --out mtlbook/tables/study_lr_search.csv
-    MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/run_study.py --lr chosen \
-        --configs real --datasets census_many cmapss --seeds 30 --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    export MTLBOOK_DATA=../shared/data
+    SMALL="suite_conflict suite_benign census"
+    python benchmarks/run_study.py --lr-search --configs primary secondary --datasets $SMALL \
+        --n-jobs 2 --out mtlbook/tables/study_lr_search_suites.csv
+    python benchmarks/run_study.py --lr chosen --configs primary secondary --seeds 20 --datasets $SMALL \
+        --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    python benchmarks/run_study.py --lr-search --configs ablations weighting --datasets $SMALL \
+        --n-jobs 2 --out mtlbook/tables/study_lr_search_ablations.csv
+    python benchmarks/run_study.py --lr chosen --configs ablations weighting --seeds 20 --datasets $SMALL \
+        --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    python benchmarks/run_study.py --lr-search --configs real --datasets census_many cmapss \
+        --n-jobs 2 --out mtlbook/tables/study_lr_search.csv
+    python benchmarks/run_study.py --lr chosen --configs real --seeds 20 --datasets census_many cmapss \
+        --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    python benchmarks/run_study.py --lr chosen --configs real --seeds 36 --datasets census_many \
+        --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    python benchmarks/run_study.py --lr-search --configs methods --datasets census_many cmapss \
+        --n-jobs 2 --out mtlbook/tables/study_lr_search_methods.csv
+    python benchmarks/run_study.py --lr chosen --configs methods --seeds 10 --datasets census_many cmapss \
+        --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+
+(``python`` is ``.venv/bin/python``; chapter 8 prints the same list.)
 
 The table goes to ``mtlbook/tables/study_<size>.csv`` unless ``--out`` says otherwise. The run
 can be stopped and started again: finished cells are read back from the file and skipped,
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run the lr search instead (lrs {LR_GRID}, seeds {SEARCH_SEEDS}, validation split); "
                              "the chosen lrs go to <out>_chosen.csv")
     parser.add_argument("--lr", choices=("size", "chosen"), default="size",
-                        help="'size': the size's lr (default); 'chosen': CHOSEN_LR per (config, dataset)")
+                        help="'size': the size's lr (default); 'chosen': evaluation_lr per (config, dataset)")
     args = parser.parse_args(argv)
     if args.scheduler is not None and args.backend != "dask":
         parser.error("--scheduler needs --backend dask")
