@@ -1,4 +1,4 @@
-"""Run chapter 8's grid (does adaTT help?) and store its results table.
+r"""Run chapter 8's grid (does adaTT help?) and store its results table.
 
 Usage (from the repository root, with the census file under $MTLBOOK_DATA)::
 
@@ -30,6 +30,11 @@ where the design's controls take the reference's rate)::
         --n-jobs 2 --out mtlbook/tables/study_lr_search_methods.csv
     python benchmarks/run_study.py --lr chosen --configs methods --seeds 10 --datasets census_many cmapss \
         --n-jobs 2 --out mtlbook/tables/study_verdict.csv
+    # the scale check, a table of its own (outside the design's Holm families)
+    python benchmarks/run_study.py --lr-search --configs real --datasets census_full \
+        --n-jobs 2 --out mtlbook/tables/study_lr_search_census_full.csv
+    python benchmarks/run_study.py --lr chosen --configs real --seeds 20 --datasets census_full \
+        --n-jobs 2 --out mtlbook/tables/study_census_full.csv
 
 (``python`` is ``.venv/bin/python``; chapter 8 prints the same list.)
 
@@ -69,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtlbook.experiments.study import (  # noqa: E402
-    ABLATION_CONFIGS, WEIGHTING_CONFIGS, CONFIG_NAMES, DATASETS, METHOD_CONFIGS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
+    ABLATION_CONFIGS, ALL_DATASETS, WEIGHTING_CONFIGS, CONFIG_NAMES, DATASETS, METHOD_CONFIGS, PRIMARY_CONFIGS, REAL_PRIMARY_CONFIGS, SECONDARY_CONFIGS, SIZES, run_grid,
 )
 from mtlbook.experiments.lr_search import (  # noqa: E402
     LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES + tuple(GROUPS), default=["all"],
                         help="config names or groups (primary, secondary, real, methods, ablations, weighting, all; "
                              "default: all)")
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=ALL_DATASETS, default=list(DATASETS),
+                        help="datasets (default: the design's; census_full is the scale check's)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the size's)")
     parser.add_argument("--n-jobs", "--workers", dest="n_jobs", type=int, default=1,
                         help="cells run at once (processes via joblib; default 1)")

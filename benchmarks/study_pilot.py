@@ -12,7 +12,9 @@ Two small tables, both written before the main study runs:
   difference sizes the number of seeds so that the minimum detectable effect of adaTT vs PLE + UW
   is at most 0.25 % on census many-task.
 
-Usage: ``MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/study_pilot.py --n-jobs 2``
+Usage: ``MTLBOOK_DATA=../shared/data nice -n 5 .venv/bin/python benchmarks/study_pilot.py --n-jobs 2``;
+``--model-check census_full`` runs only the width check of the scale check's dataset and
+appends it to ``study_model_check.csv``.
 """
 
 from __future__ import annotations
@@ -28,23 +30,17 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from mtlbook.experiments.lr_search import SEARCH_SEEDS  # noqa: E402
-from mtlbook.experiments.study import REAL_DATASETS, SIZES, StudySize, run_cell  # noqa: E402
+from mtlbook.experiments.study import REAL_DATASETS, SCALE_DATASETS, SIZES, StudySize, run_cell  # noqa: E402
+from mtlbook.experiments.study_configs import MODEL_WIDTHS  # noqa: E402
 
 #: Model widths of the check: expert hidden units, expert output, tower hidden units.
-WIDTHS: dict[str, dict] = {
-    "narrow": {"n_levels": 1, "n_shared_experts": 2, "n_task_experts": 1, "expert_hidden": (16,), "expert_dim": 8,
-               "tower_hidden": (8,)},
-    "medium": {"n_levels": 1, "n_shared_experts": 2, "n_task_experts": 1, "expert_hidden": (32,), "expert_dim": 16,
-               "tower_hidden": (16,)},
-    "wide": {"n_levels": 1, "n_shared_experts": 2, "n_task_experts": 1, "expert_hidden": (64,), "expert_dim": 32,
-             "tower_hidden": (32,)},
-}
+WIDTHS = MODEL_WIDTHS
 PILOT_SEEDS = tuple(range(200, 206))
 
 
 def sized(width: str) -> StudySize:
     base = SIZES["small"]
-    per = {d: {**base.per_dataset[d], "model": WIDTHS[width]} for d in REAL_DATASETS}
+    per = {d: {**base.per_dataset[d], "model": WIDTHS[width]} for d in REAL_DATASETS + SCALE_DATASETS}
     return replace(base, name=f"small-{width}", per_dataset=per)
 
 
@@ -59,7 +55,20 @@ def main() -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--model-check", nargs="+", choices=SCALE_DATASETS, default=None, metavar="DATASET",
+                        help="only the width check of these datasets, appended to study_model_check.csv "
+                             "(the scale check's census_full was added after the real datasets)")
     args = parser.parse_args()
+    if args.model_check:
+        jobs = [("model_check", "ple_uw", d, s, w) for d in args.model_check for w in WIDTHS for s in SEARCH_SEEDS]
+        rows = Parallel(n_jobs=args.n_jobs)(delayed(_cell)(*job) for job in jobs)
+        new = pd.DataFrame([r for cell in rows for r in cell]).drop(columns="study")
+        path = ROOT / "mtlbook" / "tables" / "study_model_check.csv"
+        old = pd.read_csv(path)
+        old = old.loc[~old["dataset"].isin(args.model_check)]
+        pd.concat([old, new], ignore_index=True).to_csv(path, index=False)
+        print(new.groupby(["dataset", "width"])["wall_time"].mean())
+        return 0
     jobs = [("model_check", "ple_uw", d, s, w) for d in REAL_DATASETS for w in WIDTHS for s in SEARCH_SEEDS]
     jobs += [("pilot", c, d, s, "medium") for d in REAL_DATASETS for s in PILOT_SEEDS
              for c in ("ple_uw", "ple_uw_adatt")]

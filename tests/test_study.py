@@ -505,27 +505,48 @@ def test_chosen_learning_rates_come_from_the_committed_search():
     assert {c for c, _ in CHOSEN_LR} == every_method
     # the verdict's configurations have a searched lr on every dataset of the study
     for name in study.PRIMARY_CONFIGS:
-        assert {d for c, d in CHOSEN_LR if c == name} == set(study.DATASETS)
+        assert {d for c, d in CHOSEN_LR if c == name} == set(study.ALL_DATASETS)
     for table in searches.values():
         assert set(table["seed"]) == set(SEARCH_SEEDS) and not set(SEARCH_SEEDS) & set(range(50))
         counts = lr_search.search_rows(table).drop_duplicates(["config", "dataset", "seed"]).groupby(
             ["dataset", "base_config"]).size()
         assert (counts == len(LR_GRID) * len(SEARCH_SEEDS)).all()  # the same trials for every method
-        assert set(table["dataset"]) <= set(study.DATASETS)
+        assert set(table["dataset"]) <= set(study.ALL_DATASETS)
 
 
-@pytest.mark.parametrize("config, dataset", [("ple_uw", "census"), ("ple_pcgrad", "suite_conflict"),
-                                             ("adatt_lambda0", "census")])
-def test_verdict_cells_ran_at_their_chosen_lr(config, dataset):
+@pytest.mark.parametrize("config, dataset, name", [("ple_uw", "census", "study_verdict.csv"),
+                                                   ("ple_pcgrad", "suite_conflict", "study_verdict.csv"),
+                                                   ("adatt_lambda0", "census", "study_verdict.csv"),
+                                                   ("ple_uw_adatt", "census_full", "study_census_full.csv")])
+def test_verdict_cells_ran_at_their_chosen_lr(config, dataset, name):
     # the table has no lr column: a cell the search moved off the size's lr, re-run at its
     # evaluation lr, must give back its stored rows bit for bit (at the size's lr it would not).
     # adatt_lambda0 on census: its own search picked the size's lr, the reference's did not
     assert lr_search.evaluation_lr(config, dataset) != study.SIZES["small"].lr
-    table = load_table(REPO / "mtlbook" / "tables" / "study_verdict.csv")
+    table = load_table(REPO / "mtlbook" / "tables" / name)
     stored = table.loc[(table["config"] == config) & (table["dataset"] == dataset) & (table["seed"] == 0)]
     live = study.run_cell(lr_search.chosen_config(config, dataset), dataset, 0, "small")
     assert [(task, value) for task, _, value in live.metrics] == list(zip(stored["task"], stored["value"]))
     assert set(zip(table["config"], table["dataset"])) <= set(CHOSEN_LR)  # every cell had a search
+
+
+def test_scale_check_trains_on_every_row_of_census_and_stays_out_of_the_design():
+    from mtlbook.data import load_census_income
+
+    full = study.load_study_data("census_full", 0, "small")
+    census = load_census_income(seed=0)
+    assert (len(full.train), len(full.val), len(full.test)) == (len(census.train), len(census.val), len(census.test))
+    assert torch.equal(full.test.inputs, census.test.inputs)  # the same split of the same seed, every row
+    small = study.load_study_data("census", 0, "small")
+    assert len(small.train) == study.SIZES["small"].census_rows[0] < len(full.train)
+    assert "census_full" not in study.DATASETS and "census_full" in study.ALL_DATASETS
+    # its table holds only the scale check, so its tests never join the design's Holm families
+    table = load_table(REPO / "mtlbook" / "tables" / "study_census_full.csv")
+    assert set(table["dataset"]) == {"census_full"}
+    assert set(table["config"]) == set(study.REAL_PRIMARY_CONFIGS)
+    assert (table.drop_duplicates(["config", "seed"]).groupby("config").size() >= study.REAL_SEEDS).all()
+    verdict = load_table(REPO / "mtlbook" / "tables" / "study_verdict.csv")
+    assert "census_full" not in set(verdict["dataset"])
 
 
 def test_lr_search_scores_validation_not_test(tmp_path):

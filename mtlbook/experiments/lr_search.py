@@ -31,9 +31,10 @@ learning rate it gets.
 
 :data:`CHOSEN_LR` holds the rates picked from the committed search tables
 :data:`SEARCH_TABLES` (a test checks that :func:`select_lr` on each table gives exactly these
-values). The searches ran in four stages: the real problems' primary configurations, the
-gradient-aggregation methods, the synthetic suites and two-task census, then adaTT's knobs, the
-first edition's balancers and the single-task models.
+values). The searches ran in five stages: the real problems' primary configurations, the
+gradient-aggregation methods, the synthetic suites and two-task census, adaTT's knobs with the
+first edition's balancers and the single-task models, then the scale check (two-task census on
+the full split).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ SEARCH_SEEDS: tuple[int, ...] = (100, 101)
 #: its own (:func:`select_lr`: relative to its own median), so a later search never moves an
 #: earlier choice.
 SEARCH_TABLES: tuple[str, ...] = ("study_lr_search.csv", "study_lr_search_methods.csv", "study_lr_search_suites.csv",
-                                  "study_lr_search_ablations.csv")  # fmt: skip
+                                  "study_lr_search_ablations.csv", "study_lr_search_census_full.csv")  # fmt: skip
 #: The learning rate chosen for each (configuration, dataset) by :func:`select_lr` on the
 #: committed search tables :data:`SEARCH_TABLES`.
 CHOSEN_LR: dict[tuple[str, str], float] = {
@@ -154,6 +155,13 @@ CHOSEN_LR: dict[tuple[str, str], float] = {
     ("ple_gradnorm", "census"): 0.003,
     ("ple_pcgrad", "census"): 0.003,
     ("single_task", "census"): 0.01,
+    # the scale check: census-income two-task on the full split (mtlbook/tables/study_lr_search_census_full.csv)
+    ("adatt_lambda0", "census_full"): 0.003,
+    ("adatt_no_cofreeze", "census_full"): 0.003,
+    ("ple_ls_tuned", "census_full"): 0.003,
+    ("ple_uw", "census_full"): 0.003,
+    ("ple_uw_adatt", "census_full"): 0.003,
+    ("ple_uw_freeze", "census_full"): 0.003,
 }
 
 _NAME = re.compile(r"^(?P<config>.+)@lr=(?P<lr>[0-9.eE+-]+)$")

@@ -30,6 +30,7 @@ import torch
 from mtlbook.data.batch import MultiTaskDataset
 from mtlbook.experiments.study_configs import (  # noqa: F401 - re-exported
     ABLATION_CONFIGS,
+    ALL_DATASETS,
     CANDIDATE,
     COLUMNS,
     CONFIG_NAMES,
@@ -44,6 +45,7 @@ from mtlbook.experiments.study_configs import (  # noqa: F401 - re-exported
     REAL_SEEDS_EXTENDED,
     REAL_SETTINGS,
     REFERENCE,
+    SCALE_DATASETS,
     METHOD_CONFIGS,
     METHOD_SEEDS,
     SECONDARY_CONFIGS,
@@ -139,6 +141,8 @@ def load_study_data(dataset: str, seed: int, size: str | StudySize = "small") ->
     * ``"census"``: :func:`mtlbook.data.load_census_income` split with seed ``seed``, then
       ``size.census_rows`` rows drawn from each split with a generator seeded by ``seed``;
       one group holding both tasks.
+    * ``"census_full"`` (the scale check): the same as ``"census"`` with
+      ``size.rows_for("census_full")`` rows (at the small size every row of every split).
     * ``"census_many"``: the same with ``tasks="all"`` (the eight tasks of chapter 3, proxies
       of every task removed from the inputs) and ``size.rows_for("census_many")`` rows; one
       group holding all tasks.
@@ -150,8 +154,8 @@ def load_study_data(dataset: str, seed: int, size: str | StudySize = "small") ->
       One group holding both tasks.
     """
     size = get_size(size)
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset not in ALL_DATASETS:
+        raise ValueError(f"dataset must be one of {ALL_DATASETS}, got {dataset!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     rows_wanted = size.rows_for(dataset)

@@ -22,6 +22,7 @@ from mtlbook.experiments.study import (
     COLUMNS,
     CONFIG_NAMES,
     CONFIGS,
+    ALL_DATASETS,
     DATASETS,
     CellResult,
     StudyConfig,
@@ -78,9 +79,9 @@ def cell_rows(config: str, dataset: str, seed: int, size: str, result: CellResul
 
 def _sort(table: pd.DataFrame, configs: Sequence[str]) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(list(configs) + [c for c in CONFIG_NAMES if c not in configs])}
-    dataset_order = {name: i for i, name in enumerate(DATASETS)}
+    dataset_order = {name: i for i, name in enumerate(ALL_DATASETS)}
     keys = pd.DataFrame({
-        "d": table["dataset"].map(lambda d: dataset_order.get(d, len(DATASETS))),
+        "d": table["dataset"].map(lambda d: dataset_order.get(d, len(ALL_DATASETS))),
         "dn": table["dataset"], "s": table["seed"],
         "c": table["config"].map(lambda c: order.get(c, len(order))), "cn": table["config"],
     })  # fmt: skip
@@ -143,9 +144,9 @@ def run_grid(
     if not all(isinstance(c, StudyConfig) for c in configs):
         raise TypeError("configs must hold StudyConfig objects or config names")
     datasets = list(datasets)
-    bad = [d for d in datasets if d not in DATASETS]
+    bad = [d for d in datasets if d not in ALL_DATASETS]
     if bad:
-        raise ValueError(f"datasets must be among {DATASETS}, got {bad}")
+        raise ValueError(f"datasets must be among {ALL_DATASETS}, got {bad}")
     seeds = list(size.seeds if seeds is None else seeds)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ValueError(f"seeds must be ints >= 0, got {seeds}")
