@@ -46,6 +46,7 @@ from mtlbook.experiments.study_configs import (  # noqa: F401 - re-exported
     REAL_SETTINGS,
     REFERENCE,
     SCALE_DATASETS,
+    SCALE_SETTINGS,
     METHOD_CONFIGS,
     METHOD_SEEDS,
     SECONDARY_CONFIGS,
