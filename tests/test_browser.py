@@ -326,6 +326,9 @@ def test_screenshots_of_every_chapter(browser, site_url, path, width):
     SHOTS.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(path).stem}-{width}"
     page.screenshot(path=str(SHOTS / f"{stem}-top.png"))
+    height = page.evaluate("document.documentElement.scrollHeight")
+    # one JPEG holds at most 65,535 px; a longer page is also too long to read on a phone
+    assert height < 65_000, f"{path} is {height} px tall at {width} px: fold long outputs (hide-cell)"
     page.screenshot(path=str(SHOTS / f"{stem}-full.jpg"), full_page=True, type="jpeg", quality=55)
     assert (SHOTS / f"{stem}-full.jpg").stat().st_size > 10_000
     page.close()
