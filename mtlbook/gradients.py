@@ -28,7 +28,29 @@ itself included, instead of NaN.
 **Batched mode.** :func:`stacked_gradients` with ``extraction="batched"`` takes every
 task's gradient in one ``autograd.grad`` call: row :math:`k` of the identity, used as the
 ``grad_outputs`` of the stacked losses, selects :math:`L_k`, and ``is_grads_batched=True``
-lets ``vmap`` run one backward per row. Both modes give the same :math:`G`.
+lets ``vmap`` run one backward per row.
+
+**Cut mode** (``extraction="cut"``, adaTT's default). The task losses of a trainer are
+entries of one vector (``task_losses`` stacks them, a balancer reweights the vector), so
+the graph of :math:`L_k` contains every task's branch: a backward from :math:`L_k` sends an
+exact zero into every other tower and through every other task's experts, and a loop of
+:math:`n` such backwards costs about :math:`n` full backwards. The cut mode splits the chain
+rule at the model outputs :math:`y_1, \dots, y_n`:
+
+.. math::
+
+    c_{k,j} = \partial L_k / \partial y_j \quad\text{(through the loss and the balancer only)},
+    \qquad
+    g_k = \sum_{j:\, c_{k,j} \ne 0} \bigl(\partial y_j / \partial \theta_s\bigr)^{\!\top} c_{k,j},
+
+one small backward to the outputs, then one backward per task from its own outputs only
+(:math:`c_{k,j} = 0` for :math:`j \ne k` for every loss and balancer of the package, and a
+branch whose cotangent is exactly zero adds exactly zero). It is exact whenever
+:math:`L_k` reaches :math:`\theta_s` only through the outputs, which is how a multi-task
+model is built.
+
+All three modes give the same :math:`G`, bit for bit on the package's models (tested): only
+the work differs.
 
 This is the only module that calls ``torch.autograd.grad``: adaTT's affinity (also for
 gradients with respect to a layer's output, see :mod:`mtlbook.adatt.affinity`), GradNorm and
@@ -42,11 +64,11 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "flat_task_gradients",
-           "gradient_parts", "per_task_gradients", "stacked_gradients"]
+__all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "cut_gradients",
+           "flat_task_gradients", "gradient_parts", "per_task_gradients", "stacked_gradients"]
 
 #: How :func:`stacked_gradients` takes the per-task gradients.
-EXTRACTIONS = ("batched", "loop")
+EXTRACTIONS = ("cut", "loop", "batched")
 
 #: Norm floor of :func:`cosine_matrix` (GUIDE section 3).
 COSINE_FLOOR = 1e-8
@@ -202,21 +224,56 @@ def flat_task_gradients(losses: Tensor | Sequence[Tensor], params: Sequence[Tens
     return out
 
 
+def _stack_rows(per_task: Sequence[Sequence[Tensor | None]], inputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """``[len(per_task), *x.shape]`` per input from one tuple of parts per task (None: unused)."""
+    result: list[Tensor | None] = []
+    for c, x in enumerate(inputs):
+        grads = [g[c] for g in per_task]
+        if all(g is None for g in grads):
+            result.append(None)
+        else:
+            result.append(torch.stack([torch.zeros_like(x) if g is None else g for g in grads]))
+    return result
+
+
+def cut_gradients(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequence[Tensor],
+                  inputs: Sequence[Tensor]) -> list[Tensor | None]:  # fmt: skip
+    r"""Per-task gradients of ``roots[rows]`` on ``inputs``, split at ``outputs`` (the *cut* mode).
+
+    For each task :math:`k`: :math:`c_{k,j} = \partial L_k / \partial y_j` for every tensor
+    :math:`y_j` of ``outputs`` (one backward through the loss and the balancer only), then
+    one backward from the outputs whose cotangent is not exactly zero, with those cotangents,
+    to ``inputs``. Equal to the loop mode when the roots reach ``inputs`` only through
+    ``outputs``; a root that reaches no output is taken the loop way.
+
+    Returns, for each tensor in ``inputs``, ``[len(rows), *shape]`` or ``None`` when no root
+    reaches it.
+    """
+    outputs = [y for y in outputs if y.requires_grad]
+    per_task = []
+    for i in rows:
+        cotangents = torch.autograd.grad(roots[i], outputs, retain_graph=True, allow_unused=True) if outputs else ()
+        live = [(y, c) for y, c in zip(outputs, cotangents) if c is not None and bool(c.any())]
+        if not live:  # nothing of L_i flows through the outputs: take it whole
+            per_task.append(gradient_parts(roots[i], inputs))
+            continue
+        per_task.append(torch.autograd.grad([y for y, _ in live], list(inputs), grad_outputs=[c for _, c in live],
+                                            retain_graph=True, allow_unused=True))  # fmt: skip
+    return _stack_rows(per_task, inputs)
+
+
 def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor],
-                      extraction: str = "batched") -> list[Tensor | None]:  # fmt: skip
+                      extraction: str = "batched", outputs: Sequence[Tensor] | None = None) -> list[Tensor | None]:  # fmt: skip
     """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or
     ``None`` when no root reaches it. ``extraction``: ``"batched"`` (one ``autograd.grad`` call
-    with ``is_grads_batched=True``) or ``"loop"`` (one call per task)."""
-    if extraction == "loop":
-        per_task = [gradient_parts(roots[i], inputs) for i in rows]
-        result: list[Tensor | None] = []
-        for c, x in enumerate(inputs):
-            grads = [g[c] for g in per_task]
-            if all(g is None for g in grads):
-                result.append(None)
-            else:
-                result.append(torch.stack([torch.zeros_like(x) if g is None else g for g in grads]))
-        return result
+    with ``is_grads_batched=True``), ``"loop"`` (one call per task) or ``"cut"`` (split at the
+    model ``outputs``, see :func:`cut_gradients`; without ``outputs`` it is the loop)."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+    if extraction == "cut" and outputs:
+        return cut_gradients(roots, rows, outputs, inputs)
+    if extraction in ("loop", "cut"):
+        return _stack_rows([gradient_parts(roots[i], inputs) for i in rows], inputs)
     # Row k of the identity as grad_output selects loss k: vmap runs one backward per row.
     stacked = torch.stack([roots[i].float() for i in rows])
     selector = torch.eye(len(rows), dtype=stacked.dtype, device=stacked.device)

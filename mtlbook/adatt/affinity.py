@@ -35,9 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlbook._checks import check_mask
-from mtlbook.gradients import cosine_matrix, stacked_gradients
+from mtlbook.gradients import EXTRACTIONS, cosine_matrix, stacked_gradients
 
-EXTRACTIONS = ("batched", "loop")
 PARAMETER_SETS = ("all", "weights", "last_layer")
 
 __all__ = ["TaskAffinityComputer", "cosine_matrix", "EXTRACTIONS", "PARAMETER_SETS"]
@@ -159,6 +158,30 @@ class _LastLayerCapture:
         self._clear()
 
 
+class _OutputCapture:
+    """A forward hook that keeps the model's outputs (the tensors of its output dict, list or
+    tuple, or the output tensor) from its latest forward pass with grad enabled: where the ``"cut"``
+    extraction splits the chain rule. A deep copy of the model does not touch the store."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_ref = weakref.ref(model)
+        self.outputs: list[Tensor] = []
+        self.handle = model.register_forward_hook(self._hook)
+
+    def __deepcopy__(self, memo: dict) -> "_OutputCapture":
+        return self  # holds live graph tensors; the identity check makes a copy's hook inert
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if module is not self.model_ref():
+            return
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else [output]
+        self.outputs = [y for y in values if isinstance(y, Tensor) and y.requires_grad]
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.outputs = []
+
+
 # --------------------------------------------------------------------------- module
 class TaskAffinityComputer(nn.Module):
     """EMA of the pairwise cosine similarity of per-task gradients on the shared parameters.
@@ -166,9 +189,12 @@ class TaskAffinityComputer(nn.Module):
     Args:
         task_names: task order (rows/columns of the affinity matrix).
         ema_decay: :math:`\\beta \\in [0, 1)` of :math:`A_t = \\beta A_{t-1} + (1-\\beta) C_t`.
-        extraction: ``"batched"`` (one ``autograd.grad`` call with ``is_grads_batched=True``,
-            ``grad_outputs = I``: row ``i`` of the identity selects :math:`L_i`) or
-            ``"loop"`` (one ``autograd.grad`` call per task). Both give the same ``G``.
+        extraction: ``"cut"`` (default: per task, the cotangents of the model's outputs,
+            then one backward from those outputs only; see :func:`mtlbook.gradients.cut_gradients`),
+            ``"loop"`` (one ``autograd.grad`` call per task through the whole graph) or
+            ``"batched"`` (one ``autograd.grad`` call with ``is_grads_batched=True``,
+            ``grad_outputs = I``: row ``i`` of the identity selects :math:`L_i`). All three
+            give the same ``G``; the cut mode needs :meth:`attach` (without it, it is the loop).
         parameter_set: which shared parameters define :math:`g_i`:
             ``"all"`` every shared parameter; ``"weights"`` only those with ``dim >= 2``
             (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
@@ -198,7 +224,7 @@ class TaskAffinityComputer(nn.Module):
         self,
         task_names: Sequence[str],
         ema_decay: float = 0.9,
-        extraction: str = "batched",
+        extraction: str = "cut",
         parameter_set: str = "all",
     ) -> None:
         super().__init__()
@@ -214,6 +240,7 @@ class TaskAffinityComputer(nn.Module):
         # submodule or a parameter of this module (or enters its state_dict).
         self._shared_parameters: list[nn.Parameter] = []
         self._capture: _LastLayerCapture | None = None
+        self._outputs: _OutputCapture | None = None
         self._model_ref: weakref.ref | None = None
 
     @property
@@ -232,8 +259,10 @@ class TaskAffinityComputer(nn.Module):
 
         Stores ``model.shared_parameters()``; with ``parameter_set="last_layer"`` also
         registers forward hooks on every layer of ``model.last_shared_layers()`` that keep
-        the layer's input and pre-activation output from the latest forward pass. Calling
-        it again re-attaches (old hooks are removed first). Returns ``self``.
+        the layer's input and pre-activation output from the latest forward pass; with
+        ``extraction="cut"`` a forward hook on ``model`` keeps its outputs of the latest
+        forward pass (where the cut mode splits the chain rule). Calling it again
+        re-attaches (old hooks are removed first). Returns ``self``.
 
         Hooks of a ``copy.deepcopy`` of the model are inert (they check identity); a deep
         copy of this module keeps pointing at the original model: attach copies anew.
@@ -254,6 +283,8 @@ class TaskAffinityComputer(nn.Module):
             self._shared_parameters = list(model.shared_parameters())
             if not self._shared_parameters:
                 raise ValueError("model.shared_parameters() is empty: nothing to measure affinity on")
+        if self.extraction == "cut":
+            self._outputs = _OutputCapture(model)
         self._model_ref = weakref.ref(model)
         return self
 
@@ -261,7 +292,10 @@ class TaskAffinityComputer(nn.Module):
         """Remove hooks and forget the attached model (safe to call when nothing is attached)."""
         if self._capture is not None:
             self._capture.remove()
+        if self._outputs is not None:
+            self._outputs.remove()
         self._capture = None
+        self._outputs = None
         self._shared_parameters = []
         self._model_ref = None
 
@@ -333,7 +367,8 @@ class TaskAffinityComputer(nn.Module):
 
     def _batched_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor]) -> list[Tensor | None]:
         """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or None if unused."""
-        return stacked_gradients(roots, rows, inputs, self.extraction)
+        outputs = self._outputs.outputs if self._outputs is not None else None
+        return stacked_gradients(roots, rows, inputs, self.extraction, outputs)
 
     def _parameter_gradients(
         self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device
