@@ -5,11 +5,13 @@ For a PLE on the many-task synthetic suite (:func:`mtlbook.data.make_suite_regim
 
     forward -> per-task losses -> [affinity measurement] -> sum().backward() -> AdamW.step()
 
-in 13 configurations: the plain step, and the step with a
+in 19 configurations: the plain step, and the step with a
 :class:`~mtlbook.adatt.TaskAffinityComputer` for every combination of
 
-* ``extraction``: ``"loop"`` (one ``autograd.grad`` per task) or ``"batched"`` (one
-  ``autograd.grad`` with ``is_grads_batched=True``);
+* ``extraction``: ``"cut"`` (the default: per task, the cotangents of the model outputs, then
+  one backward from the task's own outputs), ``"loop"`` (one ``autograd.grad`` per task
+  through the whole graph) or ``"batched"`` (one ``autograd.grad`` with
+  ``is_grads_batched=True``);
 * ``parameter_set``: ``"all"`` shared parameters, ``"weights"`` (matrices only) or
   ``"last_layer"`` (the last Linear of each last-level shared expert);
 * ``interval``: measure every step (1) or every 10th step (10).
@@ -81,7 +83,7 @@ from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
 
-EXTRACTIONS = ("loop", "batched")
+EXTRACTIONS = ("cut", "loop", "batched")
 PARAMETER_SETS = ("all", "weights", "last_layer")
 INTERVALS = (1, 10)
 FAITHFUL_AGREEMENT = 0.9
@@ -148,7 +150,7 @@ class StepRunner:
         self.model = copy.deepcopy(problem.model)
         self.batches = problem.batches
         self.task_specs = problem.task_specs
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, foreach=True)  # as the trainer
         self.computer: TaskAffinityComputer | None = None
         if config.measures:
             self.computer = TaskAffinityComputer(

@@ -240,20 +240,22 @@ def cut_gradients(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequenc
                   inputs: Sequence[Tensor]) -> list[Tensor | None]:  # fmt: skip
     r"""Per-task gradients of ``roots[rows]`` on ``inputs``, split at ``outputs`` (the *cut* mode).
 
-    For each task :math:`k`: :math:`c_{k,j} = \partial L_k / \partial y_j` for every tensor
-    :math:`y_j` of ``outputs`` (one backward through the loss and the balancer only), then
-    one backward from the outputs whose cotangent is not exactly zero, with those cotangents,
-    to ``inputs``. Equal to the loop mode when the roots reach ``inputs`` only through
+    :math:`c_{k,j} = \partial L_k / \partial y_j` for every tensor :math:`y_j` of ``outputs``
+    and every task at once (one batched backward through the loss and the balancer only, a
+    small graph); then, per task, one backward from the outputs whose cotangent is not
+    exactly zero, with those cotangents, to ``inputs``. Equal to the loop mode when the roots reach ``inputs`` only through
     ``outputs``; a root that reaches no output is taken the loop way.
 
     Returns, for each tensor in ``inputs``, ``[len(rows), *shape]`` or ``None`` when no root
     reaches it.
     """
     outputs = [y for y in outputs if y.requires_grad]
+    # every task's cotangents in one batched call (vmap over the small loss graph); a loop
+    # here would run every task's loss graph once per task
+    cotangents = stacked_gradients(roots, rows, outputs, "batched") if outputs else []
     per_task = []
-    for i in rows:
-        cotangents = torch.autograd.grad(roots[i], outputs, retain_graph=True, allow_unused=True) if outputs else ()
-        live = [(y, c) for y, c in zip(outputs, cotangents) if c is not None and bool(c.any())]
+    for r, i in enumerate(rows):
+        live = [(y, c[r]) for y, c in zip(outputs, cotangents) if c is not None and bool(c[r].any())]
         if not live:  # nothing of L_i flows through the outputs: take it whole
             per_task.append(gradient_parts(roots[i], inputs))
             continue

@@ -38,9 +38,9 @@ def test_configurations_cover_every_combination_once(bench):
     configs = bench.configurations()
     names = [c.name for c in configs]
     assert names[0] == "plain" and not configs[0].measures
-    assert len(names) == len(set(names)) == 1 + 2 * 3 * 2
+    assert len(names) == len(set(names)) == 1 + 3 * 3 * 2  # extractions x parameter sets x intervals
     assert {(c.extraction, c.parameter_set, c.interval) for c in configs[1:]} == {
-        (e, p, k) for e in ("loop", "batched") for p in ("all", "weights", "last_layer") for k in (1, 10)
+        (e, p, k) for e in ("cut", "loop", "batched") for p in ("all", "weights", "last_layer") for k in (1, 10)
     }
     with pytest.raises(ValueError, match="extractions"):
         bench.configurations(extractions=("fast",))

@@ -111,8 +111,9 @@ def test_cut_never_runs_another_tasks_tower():
     assert calls == {name: 3 for name in NAMES}  # every tower, for every task
     calls.update({name: 0 for name in NAMES})
     stacked_gradients(roots, [0, 1, 2], params, "cut", list(out.values()))
-    # once per task to find the cotangents (loss and balancer only), then only its own tower
-    assert calls == {name: 3 + 1 for name in NAMES}
+    # once in the batched pass that finds every task's cotangents (loss and balancer only),
+    # then once in its own task's backward: never in another task's
+    assert calls == {name: 1 + 1 for name in NAMES}
 
 
 def test_unknown_extraction_names_the_choices():

@@ -40,9 +40,11 @@ def make_problem(
     expert_dim: int = 32,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    n_levels: int = 2,
 ) -> Problem:
     """The synthetic ``"conflict"`` suite with ``n_tasks`` tasks in 4 groups (2 when
-    ``n_tasks < 4``) and a 2-level PLE (2 shared experts per level, 1 expert per task).
+    ``n_tasks < 4``) and a PLE of ``n_levels`` levels (default 2; 1 is a CGC) with 2 shared
+    experts per level and 1 expert per task.
 
     The input width is ``max(n_features, n_tasks + n_groups)`` so that every task and group
     direction fits.
@@ -56,7 +58,7 @@ def make_problem(
                                    n_groups=n_groups, dim=dim)  # fmt: skip
     torch.manual_seed(seed)
     model = PLE(dataset.n_features, dataset.task_specs, expert_hidden=tuple(expert_hidden),
-                expert_dim=expert_dim).to(device)  # fmt: skip
+                expert_dim=expert_dim, n_levels=n_levels).to(device)  # fmt: skip
     batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
     return Problem(model, batches, tuple(dataset.task_specs))
 
