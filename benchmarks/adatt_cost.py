@@ -8,10 +8,10 @@ For a PLE on the many-task synthetic suite (:func:`mtlbook.data.make_suite_regim
 in 19 configurations: the plain step, and the step with a
 :class:`~mtlbook.adatt.TaskAffinityComputer` for every combination of
 
-* ``extraction``: ``"cut"`` (the default: per task, the cotangents of the model outputs, then
-  one backward from the task's own outputs), ``"loop"`` (one ``autograd.grad`` per task
-  through the whole graph) or ``"batched"`` (one ``autograd.grad`` with
-  ``is_grads_batched=True``);
+* ``extraction``: ``"batched"`` (the default: one ``autograd.grad`` with
+  ``is_grads_batched=True``), ``"loop"`` (one ``autograd.grad`` per task through the whole
+  graph) or ``"cut"`` (per task, the cotangents of the model outputs, then one backward from
+  the task's own outputs);
 * ``parameter_set``: ``"all"`` shared parameters, ``"weights"`` (matrices only) or
   ``"last_layer"`` (the last Linear of each last-level shared expert);
 * ``interval``: measure every step (1) or every 10th step (10).

@@ -9,7 +9,7 @@ AdamW step and the per-batch bookkeeping, for a PLE on the many-task synthetic s
 problem (2-level PLE, 2 shared experts per level, expert width 64 -> 32, batch 256) is the
 one of ``adatt_cost.py``, so the two tables can be read together.
 
-Six configurations (adaTT held in its *dynamic* phase: ``warmup_epochs=0`` and a freeze
+Five configurations (adaTT held in its *dynamic* phase: ``warmup_epochs=0`` and a freeze
 epoch that is never reached, so it measures, transfers and learns ``W``):
 
 * ``plain``: the trainer without adaTT;
@@ -18,11 +18,9 @@ epoch that is never reached, so it measures, transfers and learns ``W``):
 * ``adatt_transfer_only``: adaTT that never measures inside the timed blocks (its interval
   is larger than the run), so only the transfer loss and ``W`` cost anything;
 * ``adatt_every1_loop``: like ``adatt_every1`` but with one ``autograd.grad`` call per task
-  through the whole graph (``extraction="loop"``, the sources' way);
-* ``adatt_every1_batched``: like ``adatt_every1`` but with one batched ``autograd.grad``
-  call for all tasks (``extraction="batched"``, the package default before the cut mode).
+  (``extraction="loop"``, the sources' way) instead of one batched call.
 
-The other adaTT configurations use the package default ``extraction="cut"``.
+The other adaTT configurations use the package default ``extraction="batched"``.
 
 **Timing through the public API.** A block is one ``Trainer.fit`` of one epoch on a fresh
 trainer (same initial weights for every configuration): a warm-up step on the first batch
@@ -84,11 +82,10 @@ from mtlbook.train import Callback, Trainer, TrainerConfig
 NEVER = 2**40
 CONFIGS: dict[str, tuple[int, str] | None] = {
     "plain": None,
-    "adatt_every1": (1, "cut"),
-    "adatt_every10": (10, "cut"),
-    "adatt_transfer_only": (NEVER, "cut"),
+    "adatt_every1": (1, "batched"),
+    "adatt_every10": (10, "batched"),
+    "adatt_transfer_only": (NEVER, "batched"),
     "adatt_every1_loop": (1, "loop"),
-    "adatt_every1_batched": (1, "batched"),
 }
 BASELINE = "plain"
 CSV_COLUMNS = (

@@ -42,11 +42,13 @@ def test_the_problem_is_a_cgc_with_a_clean_shared_trunk(problem):
 
 
 def test_mtlbook_modes_and_torchjd_compute_the_loops_gradients(peers, problem):
+    """Every peer's ``G`` is the loop's to float rounding."""
     names, _ = peers.available(("plain", "mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd"))
     assert "torchjd" in names  # in the book's lock
     diffs = peers.gradient_check(problem, names)
     assert math.isnan(diffs["plain"])
-    assert all(diffs[name] == 0.0 for name in names[1:]), diffs
+    # the same arithmetic up to the order of some sums (bit for bit on some CPUs)
+    assert all(diffs[name] < 1e-6 for name in names[1:]), diffs
 
 
 def test_every_configuration_takes_a_training_step(peers, problem):

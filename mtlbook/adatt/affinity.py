@@ -189,12 +189,13 @@ class TaskAffinityComputer(nn.Module):
     Args:
         task_names: task order (rows/columns of the affinity matrix).
         ema_decay: :math:`\\beta \\in [0, 1)` of :math:`A_t = \\beta A_{t-1} + (1-\\beta) C_t`.
-        extraction: ``"cut"`` (default: per task, the cotangents of the model's outputs,
-            then one backward from those outputs only; see :func:`mtlbook.gradients.cut_gradients`),
-            ``"loop"`` (one ``autograd.grad`` call per task through the whole graph) or
-            ``"batched"`` (one ``autograd.grad`` call with ``is_grads_batched=True``,
-            ``grad_outputs = I``: row ``i`` of the identity selects :math:`L_i`). All three
-            give the same ``G``; the cut mode needs :meth:`attach` (without it, it is the loop).
+        extraction: ``"batched"`` (default: one ``autograd.grad`` call with
+            ``is_grads_batched=True``, ``grad_outputs = I``: row ``i`` of the identity selects
+            :math:`L_i`), ``"loop"`` (one ``autograd.grad`` call per task through the whole
+            graph) or ``"cut"`` (per task, the cotangents of the model's outputs, then one
+            backward from those outputs only; see :func:`mtlbook.gradients.cut_gradients`; it
+            needs :meth:`attach`, without which it is the loop). All three give the same ``G``
+            up to float rounding.
         parameter_set: which shared parameters define :math:`g_i`:
             ``"all"`` every shared parameter; ``"weights"`` only those with ``dim >= 2``
             (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
@@ -224,7 +225,7 @@ class TaskAffinityComputer(nn.Module):
         self,
         task_names: Sequence[str],
         ema_decay: float = 0.9,
-        extraction: str = "cut",
+        extraction: str = "batched",
         parameter_set: str = "all",
     ) -> None:
         super().__init__()

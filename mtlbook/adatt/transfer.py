@@ -160,7 +160,7 @@ class AdaptiveTaskTransfer(nn.Module):
         inter_group_strength: float = 0.3,
         prior_blend_start: float = 0.5,
         prior_blend_end: float = 0.1,
-        extraction: str = "cut",
+        extraction: str = "batched",
         parameter_set: str = "all",
         blocking: str = "exact",
     ) -> None:
