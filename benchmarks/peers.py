@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import importlib.util
 import json
 import math
@@ -75,7 +74,7 @@ for path in (ROOT, ROOT / "benchmarks", PEERS):
 
 from adatt_cost import _tune_malloc, cpu_peak_available, peak_memory  # noqa: E402
 from mtlbook.adatt import TaskAffinityComputer  # noqa: E402
-from mtlbook.experiments.bench import Problem, make_problem  # noqa: E402
+from mtlbook.experiments.bench import Problem, make_problem, write_rows  # noqa: E402
 from mtlbook.gradients import cosine_matrix  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
 
@@ -403,12 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(rows))
     out = ROOT / "benchmarks" / "results" / "peers.csv"
     for path in [out] + ([args.copy_to] if args.copy_to else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+        print(f"wrote {write_rows(path, rows, COLUMNS)}")
     return 0
 
 

@@ -33,7 +33,6 @@ Nothing asserts on these timings.
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import statistics
 import sys
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mtlbook.experiments.bench import make_problem  # noqa: E402
+from mtlbook.experiments.bench import make_problem, write_rows  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
 from mtlbook.models import PLE, to_bank  # noqa: E402
 from mtlbook.models.banks import group_by, stack_weights  # noqa: E402
@@ -207,12 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_rows(args.out, rows, COLUMNS)}")
     return 0
 
 

@@ -246,8 +246,9 @@ def cut_gradients(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequenc
     :math:`c_{k,j} = \partial L_k / \partial y_j` for every tensor :math:`y_j` of ``outputs``
     and every task at once (one batched backward through the loss and the balancer only, a
     small graph); then, per task, one backward from the outputs whose cotangent is not
-    exactly zero, with those cotangents, to ``inputs``. Equal to the loop mode when the roots reach ``inputs`` only through
-    ``outputs``; a root that reaches no output is taken the loop way.
+    exactly zero, with those cotangents, to ``inputs``. Equal to the loop mode when the roots
+    reach ``inputs`` only through ``outputs``; a root that reaches no output is taken the loop
+    way.
 
     Returns, for each tensor in ``inputs``, ``[len(rows), *shape]`` or ``None`` when no root
     reaches it.
@@ -268,7 +269,8 @@ def cut_gradients(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequenc
 
 
 def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor],
-                      extraction: str = "batched", outputs: Sequence[Tensor] | None = None) -> list[Tensor | None]:  # fmt: skip
+                      extraction: str = "batched",
+                      outputs: Sequence[Tensor] | None = None) -> list[Tensor | None]:  # fmt: skip
     """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or
     ``None`` when no root reaches it. ``extraction``: ``"batched"`` (one ``autograd.grad`` call
     with ``is_grads_batched=True``), ``"loop"`` (one call per task) or ``"cut"`` (split at the

@@ -101,3 +101,11 @@ def test_bad_arguments_name_the_option(peers, argv, message, capsys):
     with pytest.raises(SystemExit):
         peers.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_write_rows_creates_the_folder_and_keeps_the_column_order(peers, tmp_path):
+    import csv
+
+    path = peers.write_rows(tmp_path / "new" / "peers.csv", [{"b": 2, "a": 1.5}], ["a", "b"])
+    with open(path, newline="") as handle:
+        assert list(csv.reader(handle)) == [["a", "b"], ["1.5", "2"]]

@@ -174,7 +174,9 @@ class _OutputCapture:
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if module is not self.model_ref():
             return
-        values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else [output]
+        if isinstance(output, dict):
+            output = list(output.values())
+        values = output if isinstance(output, (list, tuple)) else [output]
         self.outputs = [y for y in values if isinstance(y, Tensor) and y.requires_grad]
 
     def remove(self) -> None:

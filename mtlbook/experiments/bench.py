@@ -7,9 +7,11 @@ batches; and the two statistics both report: per-round ratios and quantiles.
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
@@ -61,6 +63,17 @@ def make_problem(
                 expert_dim=expert_dim, n_levels=n_levels).to(device)  # fmt: skip
     batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
     return Problem(model, batches, tuple(dataset.task_specs))
+
+
+def write_rows(path: str | Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` to the CSV file ``path`` (folders created) with ``columns`` as its header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def round_ratios(times: dict[str, list[float]], baseline: str = "plain") -> dict[str, list[float]]:
