@@ -26,6 +26,7 @@ from mtlbook.models import (
     from_bank,
     to_bank,
 )
+from mtlbook.models.bank_storage import BankedLinear, convert_state_dict
 from mtlbook.models.banks import experts_forward, stacked_linear
 from mtlbook.train import Trainer, TrainerConfig
 
@@ -94,10 +95,13 @@ def test_outputs_and_every_gradient_match_the_module_form(name, cls, kwargs):
     # the forms are not bit-identical, but they are computed differently enough to matter
     task_losses(out_m, b, SPECS).sum().backward()
     task_losses(out_b, b, SPECS).sum().backward()
-    named_b = dict(bank.named_parameters())
-    for pname, p in modules.named_parameters():
-        assert named_b[pname].grad is not None, pname
-        close(p.grad, named_b[pname].grad)
+    grads_b = {n: p.grad for n, p in bank.named_parameters()}
+    assert all(g is not None for g in grads_b.values())
+    convert_state_dict(modules, grads_b)  # bank rows -> the module form's keys
+    grads_m = {n: p.grad for n, p in modules.named_parameters()}
+    assert grads_b.keys() == grads_m.keys()
+    for pname, g in grads_m.items():
+        close(g, grads_b[pname])
 
 
 @pytest.mark.parametrize("name,cls,kwargs", CASES, ids=IDS)
@@ -185,15 +189,57 @@ def test_dropout_is_active_in_train_mode_and_off_in_eval():
 
 
 @pytest.mark.parametrize("name,cls,kwargs", CASES, ids=IDS)
-def test_parameter_groups_and_state_dict_layout_are_the_module_forms(name, cls, kwargs):
+def test_bank_storage_holds_the_module_forms_weights_in_fewer_tensors(name, cls, kwargs):
     modules, bank = pair(cls, kwargs)
-    assert list(modules.state_dict()) == list(bank.state_dict())
+    state = bank.state_dict()
+    assert all(k.startswith("banks.") for k in state.keys() - modules.state_dict().keys())
+    convert_state_dict(modules, state)  # the bank layout, rewritten, is the module form's
+    assert set(state) == set(modules.state_dict())
+    for key, value in modules.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert len(list(bank.parameters())) < len(list(modules.parameters()))
+    # shared experts keep their own Parameters (optimizer groups, affinity); the three lists
+    # still partition parameters() and hold as many numbers as the module form's
     names_m = {id(p): n for n, p in modules.named_parameters()}
     names_b = {id(p): n for n, p in bank.named_parameters()}
-    for method in ("shared_parameters", "gate_parameters", "task_parameters"):
-        assert [names_m[id(p)] for p in getattr(modules, method)()] == [names_b[id(p)] for p in getattr(bank, method)()]
+    assert [names_m[id(p)] for p in modules.shared_parameters()] == [names_b[id(p)] for p in bank.shared_parameters()]
+    ids = [id(p) for method in ("shared_parameters", "gate_parameters", "task_parameters")
+           for p in getattr(bank, method)()]  # fmt: skip
+    assert sorted(ids) == sorted(names_b)
+    for method in ("gate_parameters", "task_parameters"):
+        assert sum(p.numel() for p in getattr(bank, method)()) == sum(p.numel() for p in getattr(modules, method)())
     assert len(bank.shared_experts) == len(modules.shared_experts)
     assert all(isinstance(layer, nn.Linear) for layer in bank.last_shared_layers())
+
+
+def test_banked_linears_are_views_of_their_bank_row():
+    modules, bank = pair(PLE, dict(n_levels=2, expert_hidden=(8,), expert_dim=6))
+    head = bank.towers[1].head  # "value": row 1 of the bank of the two one-output towers
+    assert isinstance(head, BankedLinear) and not list(head.parameters()) and head._row == 1
+    assert not isinstance(bank.towers[2].head, BankedLinear)  # "kind" (3 classes) has no twin
+    assert torch.equal(head.weight, modules.towers[1].head.weight)
+    with torch.no_grad():
+        head._bank.weight[1].add_(1.0)  # an optimizer step on the bank moves the module's view
+    assert torch.equal(head.weight, modules.towers[1].head.weight + 1.0)
+    # the module-by-module forward of a bank model still works and back-propagates into the bank
+    bank.towers[1](torch.randn(4, 6)).sum().backward()
+    assert head._bank.weight.grad[1].abs().sum() > 0 and head._bank.weight.grad[0].abs().sum() == 0
+    assert bank(batch().inputs)["kind"].shape == (24, 3)
+
+
+def test_bank_storage_follows_dtype_moves_and_copies():
+    _, bank = pair(CGC, dict(n_shared_experts=2, n_task_experts=1, expert_hidden=(8,), expert_dim=6))
+    x = batch().inputs
+    expected = bank(x)["value"].double()
+    double = copy.deepcopy(bank).double()
+    assert double.towers[0].head.weight.dtype == torch.float64
+    close(double(x)["value"], expected)
+    twin = copy.deepcopy(bank)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert not torch.equal(bank(x)["value"], twin(x)["value"])  # the copy has its own banks
+    assert twin.towers[0].head.weight.abs().sum() == 0
 
 
 def test_module_checkpoint_loads_into_a_bank_model_and_back():
@@ -208,6 +254,21 @@ def test_module_checkpoint_loads_into_a_bank_model_and_back():
     back = from_bank(bank)
     assert back.experts_mode == "modules" and bank.experts_mode == "bank"
     assert torch.equal(back(x)["kind"], modules(x)["kind"])  # same path, same weights: bit-identical
+    assert list(back.state_dict()) == list(modules.state_dict())
+    # and a bank checkpoint loads into a module-form model
+    torch.manual_seed(5)
+    fresh = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6).eval()
+    fresh.load_state_dict(bank.state_dict())
+    assert torch.equal(fresh(x)["kind"], modules(x)["kind"])
+
+
+def test_a_bank_checkpoint_with_the_wrong_bank_size_fails_clearly():
+    bank = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="bank")
+    state = bank.state_dict()
+    key = next(k for k in state if k.startswith("banks.") and k.endswith("towers_s0_layer0.weight"))
+    state[key] = state[key][:1]
+    with pytest.raises(RuntimeError, match=r"expected \[2, d_in, d_out\]"):
+        PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6).load_state_dict(state)
 
 
 def test_a_checkpoint_of_another_architecture_fails_with_a_clear_message():

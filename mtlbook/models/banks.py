@@ -1,9 +1,10 @@
 r"""Banks: experts, gates and towers of one shape computed as one batched matmul (opt-in fast path).
 
-A model built with ``experts="bank"`` has *exactly* the same modules, parameters and
-``state_dict`` as the module-per-expert form (``experts="modules"``, the default); only its
-forward pass differs. Instead of calling :math:`n` small ``nn.Linear`` modules one by one,
-a bank stacks the :math:`n` weight matrices of one layer and runs one batched matmul.
+A model built with ``experts="bank"`` computes the same function as the module-per-expert
+form (``experts="modules"``, the default) for the same weights; only its forward pass and
+where the weights are stored differ. Instead of calling :math:`n` small ``nn.Linear``
+modules one by one, a bank runs one batched matmul over the :math:`n` weight matrices of one
+layer, and the task-owned layers keep those matrices stacked (:mod:`mtlbook.models.bank_storage`).
 
 **Math.** Take :math:`n` experts of one shape, layer :math:`j` with weights
 :math:`A^{(i)}_j \in \mathbb{R}^{d_\text{out} \times d_\text{in}}` and biases
@@ -35,19 +36,22 @@ one contraction: with all experts of the level stacked as :math:`\mathbf E \in
 **Tensor layout.** Banks are expert-major: ``[n, batch, width]`` (for towers, ``[K, batch,
 width]``, task-major like everything else in the package).
 
-**Parameters and ``state_dict``.** A bank keeps *no* parameters of its own: it holds
-references to the ``Expert`` / ``SoftmaxGate`` / ``TaskTower`` modules of the model and stacks
-their ``weight``/``bias`` Parameters inside the forward pass (``torch.stack``; its backward
-splits the gradient back onto each Parameter). So
+**Parameters and ``state_dict``.** The weights a bank multiplies come from one of two places:
 
-* every expert still owns its Parameters, and the trainer's one optimizer group per shared
-  expert (per-expert learning rate and weight decay) works unchanged;
-* ``shared_parameters()``, ``gate_parameters()``, ``freeze_gates``, ``shared_experts`` and the
-  ``state_dict`` keys (e.g. ``levels.0.shared_experts.1.body.0.weight``) are those of the
-  module form, so a module-form checkpoint loads into a bank model as it is, and
-  :func:`to_bank` / :func:`from_bank` only switch the forward path;
-* the price is one stack (a copy of the weights, a few kB here) per layer and step; the
-  benchmark ``benchmarks/plain_step.py`` measures it.
+* layers in *bank storage* (task experts, task gates, towers of a bank model; see
+  :mod:`mtlbook.models.bank_storage`) are one stacked Parameter already, used as it is:
+  no copy, one gradient tensor, one tensor for the optimizer;
+* every other group (the shared experts, which keep their own Parameters for the trainer's
+  one optimizer group per shared expert and for adaTT's parameter set; or a module-form
+  model's layers) is stacked inside the forward pass (``torch.stack``, whose backward
+  splits the gradient back onto each Parameter): a copy of a few kB per layer and step,
+  which ``benchmarks/plain_step.py`` measures (``stack_ms``).
+
+``shared_parameters()``, ``freeze_gates``, ``shared_experts`` and ``last_shared_layers()``
+are those of the module form; ``gate_parameters()`` and ``task_parameters()`` hold the same
+numbers in fewer tensors; a checkpoint of either form loads into the other
+(:func:`~mtlbook.models.bank_storage.convert_state_dict`). :func:`to_bank` /
+:func:`from_bank` copy a model into the other form.
 
 **Hooks.** The bank does not call the ``nn.Linear`` modules it reads, so their hooks would not
 fire. Forward hooks of an expert's ``output_layer`` (what adaTT's ``last_layer`` mode
@@ -71,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlbook.models.bank_storage import bank_rows, store_in_banks, store_in_modules
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate
 from mtlbook.models.towers import TaskTower
@@ -108,12 +113,21 @@ class _MLPShape:
         )
 
 
+def _cached_shape(module: nn.Module, make: Callable[[], _MLPShape]) -> _MLPShape:
+    # the layer structure is fixed once a module is built; reading it every forward (a few
+    # hundred attribute lookups at 16 tasks) costs more than the small matmuls it batches
+    shape = module.__dict__.get("_mlp_shape")
+    if shape is None:
+        shape = module.__dict__["_mlp_shape"] = make()
+    return shape
+
+
 def _expert_shape(expert: Expert) -> _MLPShape:
-    return _MLPShape(expert.body, expert.output_layer, expert.output_activation)
+    return _cached_shape(expert, lambda: _MLPShape(expert.body, expert.output_layer, expert.output_activation))
 
 
 def _tower_shape(tower: TaskTower) -> _MLPShape:
-    return _MLPShape(tower.body, tower.head, None)
+    return _cached_shape(tower, lambda: _MLPShape(tower.body, tower.head, None))
 
 
 def group_by(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[int]]:
@@ -146,6 +160,9 @@ def stack_weights(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     The stack's backward hands each Parameter its slice of the gradient, so the layers keep
     their own Parameters (and optimizer groups).
     """
+    bank = bank_rows(layers)
+    if bank is not None:  # bank storage: the stacked Parameters themselves, no copy
+        return bank.weight, bank.bias
     # contiguous [n, d_in, d_out] (CPU bmm on a transposed view is slower), and a contiguous
     # gradient into the stack's backward (a transposed one makes its split onto the n
     # Parameters an order of magnitude slower)
@@ -216,6 +233,17 @@ class ExpertBank:
 
     def __len__(self) -> int:
         return len(self.experts)
+
+    def stacked(self, x: Tensor, training: bool) -> Tensor:
+        """The ``n`` outputs as one ``[n, batch, d_out]`` tensor (no hook replay: see :attr:`hooked`)."""
+        u = _mlp_bank(x, self.shapes, training)[1]
+        activation = self.experts[0].output_activation  # one shape: one output activation
+        return u if isinstance(activation, nn.Identity) else activation(u)
+
+    @property
+    def hooked(self) -> bool:
+        """Whether an expert's output layer has forward hooks (only the list form replays them)."""
+        return any(e.output_layer._forward_hooks for e in self.experts)
 
     def __call__(self, x: Tensor, training: bool) -> list[Tensor]:
         z, u = _mlp_bank(x, self.shapes, training)
@@ -316,14 +344,15 @@ def experts_forward(
 def to_bank(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` that computes with banks (``experts="bank"``), same weights.
 
-    The two forms have the same parameters and ``state_dict`` layout, so this only switches
-    the forward path; ``model`` itself is left unchanged.
+    The copy keeps its task-owned layers in bank storage (:mod:`mtlbook.models.bank_storage`);
+    ``model`` itself is left unchanged.
     """
     return _with_mode(model, "bank")
 
 
 def from_bank(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that computes module by module (``experts="modules"``)."""
+    """A deep copy of ``model`` that computes module by module (``experts="modules"``), every
+    layer with its own Parameters again."""
     return _with_mode(model, "modules")
 
 
@@ -332,4 +361,8 @@ def _with_mode(model: nn.Module, mode: str) -> nn.Module:
         raise TypeError(f"model must be an mtlbook multi-task model with an experts= mode, got {type(model).__name__}")
     out = copy.deepcopy(model)
     out.experts_mode = mode
+    if mode == "bank":
+        store_in_banks(out)
+    else:
+        store_in_modules(out)
     return out

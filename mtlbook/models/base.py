@@ -24,8 +24,9 @@ What the rest of the package relies on (adaTT, the trainer, the plots):
   ``requires_grad`` on the gate parameters; loading a ``state_dict`` re-applies the flag.
 * ``experts_mode``: ``"modules"`` (default: every expert, gate and tower is called as its own
   module) or ``"bank"`` (modules of one shape computed as one batched matmul, see
-  :mod:`mtlbook.models.banks`). Same parameters, same ``state_dict``; outputs equal up to
-  float rounding. Set it with the constructor's ``experts=`` argument or
+  :mod:`mtlbook.models.banks`, with the task-owned layers stored stacked, see
+  :mod:`mtlbook.models.bank_storage`). Outputs equal up to float rounding; either form
+  loads the other's ``state_dict``. Set it with the constructor's ``experts=`` argument or
   :func:`~mtlbook.models.banks.to_bank`.
 
 **Gate entropy.** With :math:`\tilde H_G` the batch-mean normalised entropy of gate
@@ -56,6 +57,7 @@ from torch import Tensor, nn
 
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models._validation import check_bool, check_finite_float, check_int, check_specs
+from mtlbook.models.bank_storage import bank_parameters, convert_state_dict, store_in_banks
 from mtlbook.models.banks import check_expert_mode, towers_forward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, normalized_entropy
@@ -78,6 +80,11 @@ class _LastForward:
 
     def __reduce__(self):
         return (_LastForward, ())
+
+
+def _convert_before_load(module: "MultiTaskModel", state_dict: dict, prefix: str, *args: object) -> None:
+    # load_state_dict pre hook: a checkpoint in the other storage (banks vs modules) is rewritten
+    convert_state_dict(module, state_dict, prefix)
 
 
 def _sync_after_load(module: nn.Module, incompatible_keys: object) -> None:
@@ -123,6 +130,7 @@ class MultiTaskModel(nn.Module):
         self.gate_entropy_weight = check_finite_float(gate_entropy_weight, "gate_entropy_weight")
         self.check_finite = check_bool(check_finite, "check_finite")
         self.register_buffer("gates_frozen", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_convert_before_load)
         self.register_load_state_dict_post_hook(_sync_after_load)
         self.gate_expert_names: dict[str, tuple[str, ...]] = {}
         self._last = _LastForward()
@@ -133,6 +141,12 @@ class MultiTaskModel(nn.Module):
         self.towers = nn.ModuleList(
             TaskTower.for_task(d, spec, tower_hidden, dropout) for d, spec in zip(in_dims, self.task_specs)
         )
+
+    def _finish_build(self) -> None:
+        """Called last by every subclass constructor: a bank model stores its task-owned
+        layers in banks (:mod:`mtlbook.models.bank_storage`)."""
+        if self.experts_mode == "bank":
+            store_in_banks(self)
 
     # ----------------------------------------------------------------- forward
     def validate_input(self, x: Tensor) -> Tensor:
@@ -187,7 +201,8 @@ class MultiTaskModel(nn.Module):
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """Every gate's parameters (empty for models without gates)."""
-        return [p for m in self.modules() if isinstance(m, SoftmaxGate) for p in m.parameters()]
+        own = [p for m in self.modules() if isinstance(m, SoftmaxGate) for p in m.parameters()]
+        return own + bank_parameters(self, "gate")
 
     def task_parameters(self) -> list[nn.Parameter]:
         """Everything that is neither shared-expert nor gate: task experts and towers."""

@@ -55,7 +55,7 @@ from mtlbook.models._validation import (
     check_task_expert_counts,
     check_widths,
 )
-from mtlbook.models.banks import GateBank, experts_forward, group_by
+from mtlbook.models.banks import ExpertBank, GateBank, experts_forward, group_by
 from mtlbook.models.base import MultiTaskModel, _LastForward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, block_scales, concat_blocks, mix_experts
@@ -172,6 +172,46 @@ class ExtractionLevel(nn.Module):
 
         shared_outputs = experts_forward(list(self.shared_experts), [shared_input] * len(self.shared_experts), training)
         single_shape = len(group_by(flat_task_experts, lambda e: (e.in_dim, e.hidden, e.out_dim))) == 1
+        task_bank = ExpertBank(flat_task_experts) if flat_task_experts and single_shape else None
+        gate_groups = group_by(list(self.task_gates), lambda g: (g.in_dim, g.n_experts))
+        weights: dict[str, Tensor] = {}
+        task_features: list[Tensor] | Tensor
+        if (
+            self.combine == "mixture" and len(gate_groups) == 1 and task_bank is not None and not task_bank.hooked
+            and (stacked_inputs is not None or all(t is task_list[0] for t in task_list))
+        ):  # fmt: skip
+            # the fast path: task experts stay one [n_t, batch, d] tensor from matmul to mixture
+            if stacked_inputs is None:
+                x = task_list[0]  # every expert reads the same input: broadcast
+            elif owners == list(range(n_tasks)):
+                x = stacked_inputs
+            else:
+                x = stacked_inputs.index_select(0, torch.as_tensor(owners, device=stacked_inputs.device))
+            task_stack = task_bank.stacked(x, training)  # [n_t, batch, d], task-major
+            u = stacked_inputs if stacked_inputs is not None else task_list[0]
+            gate_w = GateBank(list(self.task_gates))(u).to(task_stack.dtype)  # [K, batch, m]
+            n_s = len(shared_outputs)
+            n_own = len(self.task_experts[0])  # one gate shape: every task has n_own experts
+            own = task_stack.reshape(n_tasks, n_own, *task_stack.shape[1:])  # [K, n_own, batch, d]
+            # f_k = sum_s g_ks S_s + sum_j g_kj T_kj as m multiply-adds over [K, batch, d]: no
+            # gather (task experts are task-major), and no einsum, which over m = 2..4 experts
+            # becomes one tiny matmul per batch row on CPU
+            terms = [gate_w[:, :, s, None] * shared_outputs[s] for s in range(n_s)]
+            terms += [gate_w[:, :, n_s + j, None] * own[:, j] for j in range(n_own)]
+            task_features = terms[0]
+            for term in terms[1:]:
+                task_features = task_features + term
+            for k in range(n_tasks):
+                weights[str(k)] = gate_w[k]
+            shared_feature = None
+            if self.shared_gate is not None:
+                w = self.shared_gate(shared_input).to(task_stack.dtype)  # [batch, n_s + n_t]
+                shared_feature = (w[:, n_s:].t().unsqueeze(-1) * task_stack).sum(0)
+                for s in range(n_s):
+                    shared_feature = shared_feature + w[:, s, None] * shared_outputs[s]
+                weights["shared"] = w
+            return shared_feature, task_features, shared_outputs, weights
+
         if flat_task_experts and stacked_inputs is not None and single_shape:
             # one [n, batch, d] input, no unbind/restack
             index = torch.as_tensor(owners, device=stacked_inputs.device)
@@ -182,41 +222,20 @@ class ExtractionLevel(nn.Module):
         task_outputs: list[list[Tensor]] = [[] for _ in range(n_tasks)]
         for k, out in zip(owners, flat_outputs):
             task_outputs[k].append(out)
-
-        weights: dict[str, Tensor] = {}
         every_expert = shared_outputs + flat_outputs
-        gate_groups = group_by(list(self.task_gates), lambda g: (g.in_dim, g.n_experts))
-        task_features: list[Tensor] | Tensor
-        if self.combine == "mixture" and len(gate_groups) == 1:
-            stacked = torch.stack(every_expert)  # [n_e, batch, d]
-            if stacked_inputs is not None:
-                u = stacked_inputs
-            elif all(t is task_list[0] for t in task_list):
-                u = task_list[0]  # broadcast to every gate
-            else:
-                u = torch.stack(task_list)
-            gate_w = GateBank(list(self.task_gates))(u).to(stacked.dtype)  # [K, batch, m]
-            n_s = len(shared_outputs)
-            n_own = len(task_outputs[0])  # every gate has m = n_s + n_own (one gate shape)
-            # f_k = sum_s g_ks S_s + sum_j g_kj T_kj, no gather: task experts are task-major
-            task_features = torch.einsum("kbs,sbd->kbd", gate_w[:, :, :n_s], stacked[:n_s])
-            if n_own:
-                own = stacked[n_s:].reshape(n_tasks, n_own, *stacked.shape[1:])  # [K, n_own, batch, d]
-                task_features = task_features + torch.einsum("kbj,kjbd->kbd", gate_w[:, :, n_s:], own)
-            for k in range(n_tasks):
-                weights[str(k)] = gate_w[k]
-        else:
-            task_features = []
-            for k, (gate, u) in enumerate(zip(self.task_gates, task_list)):
-                w = gate(u)
-                weights[str(k)] = w
-                task_features.append(self._combine(w, shared_outputs + task_outputs[k], self.task_scales[k]))
+        task_features = []  # gates of different shapes, block attention or hooked experts: task by task
+        for k, (gate, u) in enumerate(zip(self.task_gates, task_list)):
+            w = gate(u)
+            weights[str(k)] = w
+            task_features.append(self._combine(w, shared_outputs + task_outputs[k], self.task_scales[k]))
         shared_feature = None
         if self.shared_gate is not None:
             w = self.shared_gate(shared_input)
             weights["shared"] = w
             if self.combine == "mixture":
-                shared_feature = torch.einsum("bm,mbd->bd", w.to(every_expert[0].dtype), torch.stack(every_expert))
+                # sum_i w_i E_i elementwise over [m, batch, d] (see the task mixture above)
+                stacked_all = torch.stack(every_expert)
+                shared_feature = (w.to(stacked_all.dtype).t().unsqueeze(-1) * stacked_all).sum(0)
             else:
                 shared_feature = self._combine(w, every_expert, self.shared_scales)
         return shared_feature, task_features, shared_outputs, weights
@@ -250,8 +269,8 @@ class PLE(MultiTaskModel):
             the projection to the common width); ``"block"`` allows any widths.
         check_finite: reject NaN/inf inputs.
         experts: ``"modules"`` (default) or ``"bank"``: experts, gates and towers of one shape
-            computed as one batched matmul (:mod:`mtlbook.models.banks`); same parameters
-            and ``state_dict``.
+            computed as one batched matmul (:mod:`mtlbook.models.banks`), task experts, task
+            gates and towers stored stacked (:mod:`mtlbook.models.bank_storage`).
     """
 
     def __init__(
@@ -320,6 +339,7 @@ class PLE(MultiTaskModel):
         self.levels = nn.ModuleList(levels)
         self._label_gates()
         self._build_towers(task_ins, check_widths(tower_hidden, "tower_hidden"), dropout)
+        self._finish_build()
 
     def _label_gates(self) -> None:
         shared = [f"shared[{i}]" for i in range(self.n_shared_experts)]

@@ -74,6 +74,7 @@ class MMoE(MultiTaskModel):
         labels = tuple(f"expert[{i}]" for i in range(n_experts))
         self.gate_expert_names = {f"level0/{name}": labels for name in self.task_names}
         self._build_towers([expert_dim] * len(self.task_specs), check_widths(tower_hidden, "tower_hidden"), dropout)
+        self._finish_build()
 
     @property
     def shared_experts(self) -> nn.ModuleList:

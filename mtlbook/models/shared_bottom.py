@@ -56,6 +56,7 @@ class SharedBottom(MultiTaskModel):
         dropout = check_dropout(dropout)
         self.bottom = Expert(n_features, expert_dim, check_widths(expert_hidden, "expert_hidden"), dropout)
         self._build_towers([expert_dim] * len(self.task_specs), check_widths(tower_hidden, "tower_hidden"), dropout)
+        self._finish_build()
 
     @property
     def shared_experts(self) -> nn.ModuleList:
