@@ -77,6 +77,7 @@ from mtlbook.adatt import TaskAffinityComputer  # noqa: E402
 from mtlbook.experiments.bench import Problem, make_problem, write_rows  # noqa: E402
 from mtlbook.gradients import cosine_matrix  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
+from mtlbook.models import to_bank  # noqa: E402
 
 COLUMNS = (
     "n_tasks", "config", "step_ms", "ratio", "ratio_q25", "ratio_q75", "peak_mb", "peak_ratio", "max_abs_diff_vs_loop",
@@ -140,6 +141,9 @@ class Runner:
             self.mtl_backward = load_torchjd()
         elif name.startswith("libmtl/"):
             self.weighting = _libmtl_adapter(load_libmtl_weighting(), self.model, self.shared)
+        # in the bank form every task's tower runs in one batched matmul, so the tasks' graphs
+        # meet there and torchjd must keep the graph between its per-task backwards
+        self.torchjd_kwargs = {"retain_graph": True} if self.model.experts_mode == "bank" else {}
 
     def losses(self, batch) -> Tensor | list[Tensor]:
         """The loss vector, as the trainer (and LibMTL's trainer) builds it; for torchjd one
@@ -156,7 +160,7 @@ class Runner:
         if self.computer is not None:
             return self.computer.extract_gradients(losses)
         if self.name == "torchjd":
-            self.mtl_backward(losses, features=self.model.shared_outputs, shared_params=self.shared)
+            self.mtl_backward(losses, features=self.model.shared_outputs, shared_params=self.shared, **self.torchjd_kwargs)
             G = torch.cat([p.jac.reshape(p.jac.shape[0], -1) for p in self.shared], dim=1)
             for p in self.model.parameters():
                 p.grad = None
@@ -176,7 +180,7 @@ class Runner:
             self.computer.measure(losses)
             losses.sum().backward()
         elif self.name == "torchjd":
-            self.mtl_backward(losses, features=self.model.shared_outputs, shared_params=self.shared)
+            self.mtl_backward(losses, features=self.model.shared_outputs, shared_params=self.shared, **self.torchjd_kwargs)
             rows = torch.cat([p.jac.reshape(p.jac.shape[0], -1) for p in self.shared], dim=1)
             self.affinity = cosine_matrix(rows)
             for p in self.shared:
@@ -292,6 +296,14 @@ def gradient_check(problem: Problem, names: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def build_problem(n_tasks: int, args: argparse.Namespace) -> Problem:
+    """The CGC problem at ``n_tasks`` tasks, in the form ``--experts`` names."""
+    problem = make_problem(n_tasks, batch_size=args.batch_size, n_levels=1)
+    if args.experts == "bank":
+        problem.model = to_bank(problem.model)
+    return problem
+
+
 def memory_worker(args: argparse.Namespace) -> int:
     """Prints one JSON line ``{n_tasks: {config: peak bytes}}`` (malloc tuned first)."""
     if not (cpu_peak_available() and _tune_malloc()):
@@ -299,7 +311,7 @@ def memory_worker(args: argparse.Namespace) -> int:
         return 0
     out = {}
     for n_tasks in args.tasks:
-        problem = make_problem(n_tasks, batch_size=args.batch_size, n_levels=1)
+        problem = build_problem(n_tasks, args)
         peaks = {}
         for name in args.names:
             runner = Runner(problem, name)
@@ -316,12 +328,13 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     for line in skipped:
         print(f"skipped {line}")
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size), "--tasks", *map(str, args.tasks), "--names", *names]  # fmt: skip
+               "--batch-size", str(args.batch_size), "--experts", args.experts, "--tasks", *map(str, args.tasks),
+               "--names", *names]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     peaks = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
     rows = []
     for n_tasks in args.tasks:
-        problem = make_problem(n_tasks, batch_size=args.batch_size, n_levels=1)
+        problem = build_problem(n_tasks, args)
         diffs = gradient_check(problem, names)
         times = time_task_count(problem, names, args.rounds, args.block_steps, seed=n_tasks)
         mflop = step_mflop(problem)
@@ -378,6 +391,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--experts", choices=("modules", "bank"), default="modules",
+                        help="the model's form (mtlbook.models.banks); bank writes peers_bank.csv")
     parser.add_argument("--quick", action="store_true", help="4 tasks, 3 rounds, batch 64: a smoke run")
     parser.add_argument("--copy-to", type=Path, default=None, help="also write the CSV here")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -400,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return memory_worker(args)
     rows = run(args)
     print(table(rows))
-    out = ROOT / "benchmarks" / "results" / "peers.csv"
+    out = ROOT / "benchmarks" / "results" / ("peers.csv" if args.experts == "modules" else "peers_bank.csv")
     for path in [out] + ([args.copy_to] if args.copy_to else []):
         print(f"wrote {write_rows(path, rows, COLUMNS)}")
     return 0

@@ -22,16 +22,20 @@ one ``torch.baddbmm`` per layer, where row block :math:`i` of :math:`\mathbf Z_0
 :math:`E_i(x_i)`, the same function the module form computes; only the floating-point
 summation order of the matmul kernel may differ (about 1e-7 relative in float32).
 
-A mixture of one level's experts by the gates of all :math:`K` tasks is then one gather and
-one contraction: with all experts of the level stacked as :math:`\mathbf E \in
-\mathbb{R}^{n_e \times B \times d}`, gate weights :math:`\mathbf G \in \mathbb{R}^{K \times B
-\times m}` and the index :math:`I \in \{1..n_e\}^{K \times m}` of each gate's experts,
+A mixture of one level's experts by the gates of all :math:`K` tasks is then :math:`m`
+multiply-adds over task-major tensors: with all experts of the level stacked as
+:math:`\mathbf E \in \mathbb{R}^{n_e \times B \times d}`, gate weights :math:`\mathbf G \in
+\mathbb{R}^{K \times B \times m}` and the index :math:`I \in \{1..n_e\}^{K \times m}` of each
+gate's experts,
 
 .. math::
 
-    f_k = \sum_{i=1}^{m} \mathbf G_{k,:,i} \odot \mathbf E_{I_{k,i}}
-    \quad\Longleftrightarrow\quad
-    \texttt{einsum("kbm,kmbd->kbd", G, E[I])}.
+    f_k = \sum_{i=1}^{m} \mathbf G_{k,:,i} \odot \mathbf E_{I_{k,i}},
+
+each term one broadcast product over ``[K, B, d]`` (the shared experts' rows are the same
+for every :math:`k`; task :math:`k`'s own experts are row block :math:`k` of the task-major
+stack, so no gather is needed). Written as one ``einsum`` the contraction over
+:math:`m = 2..4` experts would run as :math:`B` tiny matmuls on CPU, several times slower.
 
 **Tensor layout.** Banks are expert-major: ``[n, batch, width]`` (for towers, ``[K, batch,
 width]``, task-major like everything else in the package).

@@ -95,11 +95,17 @@ class MMoE(MultiTaskModel):
         return features
 
     def _task_features_bank(self, x: Tensor, record: _LastForward) -> Tensor:
-        # f = einsum over the experts: [K, batch, n] gate weights x [n, batch, d] outputs
+        # f_k = sum_i g_ki E_i: [K, batch, n] gate weights, [n, batch, d] expert outputs
         outputs = experts_forward(list(self.experts), [x] * len(self.experts), self.training)
         record.shared_outputs = outputs
         stacked = torch.stack(outputs)  # [n_experts, batch, expert_dim]
         weights = GateBank(list(self.gates))(x)  # [K, batch, n_experts]
         for k, name in enumerate(self.task_names):
             record.gate_weights[f"level0/{name}"] = weights[k]
-        return torch.einsum("kbn,nbd->kbd", weights.to(stacked.dtype), stacked)
+        # sum_i g_ki E_i as n multiply-adds over [K, batch, d]: an einsum here would contract
+        # over the experts with the batch as the batch dim, one tiny matmul per row on CPU
+        weights = weights.to(stacked.dtype)
+        features = weights[:, :, 0, None] * stacked[0]
+        for i in range(1, stacked.shape[0]):
+            features = features + weights[:, :, i, None] * stacked[i]
+        return features
