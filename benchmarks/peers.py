@@ -83,7 +83,7 @@ COLUMNS = (
     "n_tasks", "config", "step_ms", "ratio", "ratio_q25", "ratio_q75", "peak_mb", "peak_ratio", "max_abs_diff_vs_loop",
     "step_mflop", "matmul_gflops", "floor_ms", "plain_over_floor", "rounds", "threads", "batch_size", "versions",
 )  # fmt: skip
-MEASURED = ("mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd", "libmtl/backward", "libmtl/autograd")
+MEASURED = ("mtlbook/structured", "mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd", "libmtl/backward", "libmtl/autograd")
 
 
 # --------------------------------------------------------------------------- peers

@@ -49,7 +49,16 @@ branch whose cotangent is exactly zero adds exactly zero). It is exact whenever
 :math:`L_k` reaches :math:`\theta_s` only through the outputs, which is how a multi-task
 model is built.
 
-All three modes give the same :math:`G` up to float rounding (tested to :math:`10^{-6}` of
+**Structured mode** (``extraction="structured"``, :func:`structured_gradients`). In a mixture
+model (MMoE, CGC, PLE of one or two levels) task :math:`k`'s features :math:`F_k` feed only
+task :math:`k`, so one ordinary backward of :math:`\sum_k L_k` to the features gives every
+:math:`\partial L_k / \partial F_k` at once; the cotangent of a shared expert's output is then
+task :math:`k`'s gate weight times it, and one backward through the shared experts alone,
+batched over the tasks, gives every row of :math:`G`. Only the shared experts are
+differentiated once per task, which is the least any exact method can do. Where the model
+records no such structure, or a loss mixes tasks, it takes the cut.
+
+All four modes give the same :math:`G` up to float rounding (tested to :math:`10^{-6}` of
 the largest entry; the loop and the cut do the same arithmetic, and on some CPUs all three
 agree bit for bit): only the work differs. The batched mode is adaTT's default because every
 run stored with the book was made with it, and a change at the level of float rounding
@@ -62,16 +71,17 @@ PCGrad, the diagnostics of chapter 2 and the experiments of chapter 3 all come h
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "cut_gradients",
-           "flat_task_gradients", "gradient_parts", "per_task_gradients", "stacked_gradients"]
+           "flat_task_gradients", "gradient_parts", "per_task_gradients", "stacked_gradients", "structured_gradients",
+           "MixtureLevel", "losses_are_task_separable"]
 
 #: How :func:`stacked_gradients` takes the per-task gradients.
-EXTRACTIONS = ("batched", "loop", "cut")
+EXTRACTIONS = ("batched", "loop", "cut", "structured")
 
 #: Norm floor of :func:`cosine_matrix` (GUIDE section 3).
 COSINE_FLOOR = 1e-8
@@ -268,6 +278,132 @@ def cut_gradients(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequenc
     return _stack_rows(per_task, inputs)
 
 
+class MixtureLevel(Protocol):
+    """What one mixture level of a model's latest forward pass exposes (see
+    :class:`mtlbook.models.base.MixtureRecord`): its shared experts' outputs :math:`S_s`, its
+    task-private features :math:`F_k` (``[K, B, d]`` or one ``[B, d_k]`` per task), each task
+    gate's weights (``[K, B, m]`` or one ``[B, m_k]`` per task; column :math:`s < n_s` weighs
+    :math:`S_s`), the shared gate's mixture :math:`f_s` and the shared input :math:`u_s` its
+    shared experts read (``None`` where there is none, or at the input)."""
+
+    shared_outputs: Sequence[Tensor]
+    task_features: Tensor | Sequence[Tensor]
+    task_gates: Tensor | Sequence[Tensor]
+    shared_feature: Tensor | None
+    shared_input: Tensor | None
+
+
+def _task_rows(value: Tensor | Sequence[Tensor], rows: Sequence[int]) -> list[Tensor]:
+    return [value[k] for k in rows]
+
+
+def losses_are_task_separable(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequence[Tensor]) -> bool:
+    r"""Whether every :math:`L_k` (``roots[rows]``) reaches the outputs only through its own
+    :math:`y_k` (``outputs[k]``): every cotangent :math:`\partial L_k / \partial y_j`,
+    :math:`j \ne k`, exactly zero (one batched backward through the loss graph)."""
+    if not rows or any(not y.requires_grad for y in outputs):
+        return False
+    cotangents = stacked_gradients(roots, rows, outputs, "batched")
+    return not any(j != k and c is not None and bool(c[r].any())
+                   for r, k in enumerate(rows) for j, c in enumerate(cotangents))  # fmt: skip
+
+
+def structured_gradients(roots: Sequence[Tensor], rows: Sequence[int], levels: Sequence[MixtureLevel],
+                         params_by_level: Sequence[Sequence[Tensor]],
+                         chunk_size: int | None = None) -> list[list[Tensor | None]]:  # fmt: skip
+    r"""Per-task gradients on the shared experts of a mixture model (the *structured* mode).
+
+    ``levels`` are the model's mixture levels (bottom first) and ``params_by_level[l]`` the
+    shared parameters of level :math:`l`. Returns, per level and parameter,
+    ``[len(rows), *shape]`` (``None`` where no task reaches it).
+
+    **Premise.** :math:`L_k` reaches the model only through its own output :math:`y_k`
+    (what :func:`losses_are_task_separable` checks; the caller checks it once per loss
+    function, it is not re-checked here). Task :math:`k`'s features :math:`F_k^{(l)}` feed only task :math:`k`'s experts, gate and
+    tower, so one ordinary backward of :math:`\sum_k L_k` to every :math:`F^{(l)}` yields
+    :math:`C_k^{(l)} = \partial L_k / \partial F_k^{(l)}` for every task at once. Then, from
+    the top level down, with :math:`G_k` task :math:`k`'s gate weights and :math:`w` the
+    shared gate's,
+
+    .. math::
+
+        \frac{\partial L_k}{\partial S_s^{(l)}} = G^{(l)}_{k,s} \odot C_k^{(l)}
+        + \Bigl(\frac{\partial f_s^{(l)}}{\partial S_s^{(l)}}\Bigr)^{\!\top}
+          \frac{\partial L_k}{\partial f_s^{(l)}},
+
+    and one backward through level :math:`l`'s shared experts (and shared gate), batched
+    over the :math:`K` tasks (``is_grads_batched``), gives every task's gradient on that
+    level's shared parameters and :math:`\partial L_k / \partial u_s^{(l)} = \partial L_k /
+    \partial f_s^{(l-1)}` for the level below. Only the shared experts are differentiated
+    :math:`K` times; everything task-specific is differentiated once.
+    """
+    result: list[list[Tensor | None]] = [[None] * len(p) for p in params_by_level]
+    live = [roots[k] for k in rows if roots[k].requires_grad]
+    if not live:
+        return result
+    # one ordinary backward of sum_k L_k to every level's task-private features: row k of
+    # the result is dL_k / dF_k, because F_k reaches no other task's loss
+    features = [f for level in levels for f in ([level.task_features] if isinstance(level.task_features, Tensor)
+                                                else list(level.task_features))]  # fmt: skip
+    total = live[0] if len(live) == 1 else torch.stack(live).sum()
+    feature_grads = torch.autograd.grad(total, features, retain_graph=True, allow_unused=True)
+    private: list[list[Tensor]] = []
+    at = 0
+    for level in levels:
+        if isinstance(level.task_features, Tensor):
+            g = feature_grads[at]
+            g = torch.zeros_like(level.task_features) if g is None else g
+            private.append(_task_rows(g, rows))
+            at += 1
+        else:
+            parts = list(level.task_features)
+            grads = [torch.zeros_like(f) if g is None else g for f, g in zip(parts, feature_grads[at: at + len(parts)])]
+            private.append(_task_rows(grads, rows))
+            at += len(parts)
+    gates = [_task_rows(level.task_gates, rows) for level in levels]
+    n = len(rows)
+    step = n if chunk_size is None else chunk_size
+    chunks = [range(start, min(start + step, n)) for start in range(0, n, step)]
+    parts = [_descend(levels, [[p[i] for i in c] for p in private], [[g[i] for i in c] for g in gates], params_by_level)
+             for c in chunks]  # fmt: skip
+    for l in range(len(levels)):
+        for j in range(len(params_by_level[l])):
+            pieces = [part[l][j] for part in parts]
+            result[l][j] = None if pieces[0] is None else (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+    return result
+
+
+def _descend(levels: Sequence[MixtureLevel], private: Sequence[Sequence[Tensor]], gates: Sequence[Sequence[Tensor]],
+             params_by_level: Sequence[Sequence[Tensor]]) -> list[list[Tensor | None]]:  # fmt: skip
+    """The top-down pass of :func:`structured_gradients` for one chunk of tasks."""
+    result: list[list[Tensor | None]] = [[None] * len(p) for p in params_by_level]
+    from_above: Tensor | None = None  # dL_k / df_s of the current level, [n, B, d]
+    for l in range(len(levels) - 1, -1, -1):
+        level = levels[l]
+        own = torch.stack(list(private[l]))  # [n, B, d]
+        outs, cots = [], []
+        for s, shared_out in enumerate(level.shared_outputs):
+            weight = torch.stack([g[:, s] for g in gates[l]]).unsqueeze(-1).to(own.dtype)  # [n, B, 1]
+            outs.append(shared_out)
+            cots.append(weight * own)
+        if from_above is not None and level.shared_feature is not None:
+            outs.append(level.shared_feature)
+            cots.append(from_above)
+        wanted = list(params_by_level[l])
+        pass_down = l > 0 and level.shared_input is not None and level.shared_input.requires_grad
+        if pass_down:
+            wanted.append(level.shared_input)
+        from_above = None
+        if not outs or not wanted:
+            continue
+        grads = torch.autograd.grad(outs, wanted, grad_outputs=cots, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)  # fmt: skip
+        result[l] = list(grads[: len(params_by_level[l])])
+        if pass_down:
+            from_above = grads[-1]
+    return result
+
+
 def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor],
                       extraction: str = "batched",
                       outputs: Sequence[Tensor] | None = None) -> list[Tensor | None]:  # fmt: skip
@@ -277,9 +413,9 @@ def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequ
     model ``outputs``, see :func:`cut_gradients`; without ``outputs`` it is the loop)."""
     if extraction not in EXTRACTIONS:
         raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
-    if extraction == "cut" and outputs:
+    if extraction in ("cut", "structured") and outputs:  # structured needs the model: its callers try it first
         return cut_gradients(roots, rows, outputs, inputs)
-    if extraction in ("loop", "cut"):
+    if extraction in ("loop", "cut", "structured"):
         return _stack_rows([gradient_parts(roots[i], inputs) for i in rows], inputs)
     # Row k of the identity as grad_output selects loss k: vmap runs one backward per row.
     stacked = torch.stack([roots[i].float() for i in rows])

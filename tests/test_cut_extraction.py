@@ -127,7 +127,7 @@ def test_cut_never_runs_another_tasks_tower():
 
 
 def test_unknown_extraction_names_the_choices():
-    with pytest.raises(ValueError, match=r"extraction must be one of \('batched', 'loop', 'cut'\)"):
+    with pytest.raises(ValueError, match=r"extraction must be one of \('batched', 'loop', 'cut', 'structured'\)"):
         TaskAffinityComputer(NAMES, extraction="vmap")
     with pytest.raises(ValueError, match="extraction must be one of"):
         stacked_gradients([torch.zeros((), requires_grad=True)], [0], [torch.zeros(1, requires_grad=True)], "fast")

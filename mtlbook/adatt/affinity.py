@@ -35,7 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from mtlbook._checks import check_mask
-from mtlbook.gradients import EXTRACTIONS, cosine_matrix, stacked_gradients
+from mtlbook.gradients import (
+    EXTRACTIONS,
+    cosine_matrix,
+    losses_are_task_separable,
+    stacked_gradients,
+    structured_gradients,
+)
 
 PARAMETER_SETS = ("all", "weights", "last_layer")
 
@@ -196,8 +202,12 @@ class TaskAffinityComputer(nn.Module):
             :math:`L_i`), ``"loop"`` (one ``autograd.grad`` call per task through the whole
             graph) or ``"cut"`` (per task, the cotangents of the model's outputs, then one
             backward from those outputs only; see :func:`mtlbook.gradients.cut_gradients`; it
-            needs :meth:`attach`, without which it is the loop). All three give the same ``G``
-            up to float rounding.
+            needs :meth:`attach`, without which it is the loop) or ``"structured"`` (one
+            backward to the task-private features, then one backward through the shared
+            experts batched over the tasks; see :func:`mtlbook.gradients.structured_gradients`;
+            for MMoE, CGC and two-level PLE after :meth:`attach`, the cut elsewhere; the losses
+            are checked to be task-separable on the first measurement). All four give the same
+            ``G`` up to float rounding.
         parameter_set: which shared parameters define :math:`g_i`:
             ``"all"`` every shared parameter; ``"weights"`` only those with ``dim >= 2``
             (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
@@ -245,6 +255,7 @@ class TaskAffinityComputer(nn.Module):
         self._capture: _LastLayerCapture | None = None
         self._outputs: _OutputCapture | None = None
         self._model_ref: weakref.ref | None = None
+        self._separable: bool | None = None  # structured mode: do the losses separate by task?
 
     @property
     def n_tasks(self) -> int:
@@ -263,9 +274,11 @@ class TaskAffinityComputer(nn.Module):
         Stores ``model.shared_parameters()``; with ``parameter_set="last_layer"`` also
         registers forward hooks on every layer of ``model.last_shared_layers()`` that keep
         the layer's input and pre-activation output from the latest forward pass; with
-        ``extraction="cut"`` a forward hook on ``model`` keeps its outputs of the latest
-        forward pass (where the cut mode splits the chain rule). Calling it again
-        re-attaches (old hooks are removed first). Returns ``self``.
+        ``extraction="cut"`` or ``"structured"`` a forward hook on ``model`` keeps its
+        outputs of the latest forward pass (where the cut mode splits the chain rule; the
+        structured mode checks there, once, that each loss reads only its own output, and
+        reads the model's ``mixture_levels``). Calling it again re-attaches (old hooks are
+        removed first). Returns ``self``.
 
         Hooks of a ``copy.deepcopy`` of the model are inert (they check identity); a deep
         copy of this module keeps pointing at the original model: attach copies anew.
@@ -286,8 +299,16 @@ class TaskAffinityComputer(nn.Module):
             self._shared_parameters = list(model.shared_parameters())
             if not self._shared_parameters:
                 raise ValueError("model.shared_parameters() is empty: nothing to measure affinity on")
-        if self.extraction == "cut":
+        if self.extraction == "structured":
+            if not (hasattr(model, "mixture_levels") and hasattr(model, "shared_parameters_by_level")):
+                raise TypeError('extraction="structured" needs an mtlbook mixture model (MMoE, CGC, PLE); '
+                                'use "cut" for other models')  # fmt: skip
+            if tuple(getattr(model, "task_names", ())) != self.task_names:
+                raise ValueError(f'extraction="structured" needs the model\'s task order, '
+                                 f'{tuple(getattr(model, "task_names", ()))}; got task_names={self.task_names}')  # fmt: skip
+        if self.extraction in ("cut", "structured"):
             self._outputs = _OutputCapture(model)
+        self._separable = None
         self._model_ref = weakref.ref(model)
         return self
 
@@ -373,6 +394,27 @@ class TaskAffinityComputer(nn.Module):
         outputs = self._outputs.outputs if self._outputs is not None else None
         return stacked_gradients(roots, rows, inputs, self.extraction, outputs)
 
+    def _structured_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int],
+                               params: Sequence[Tensor]) -> list[Tensor | None] | None:  # fmt: skip
+        """:func:`~mtlbook.gradients.structured_gradients` for ``params``, or None where the
+        model recorded no mixture levels or a loss mixes tasks (the caller then cuts)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        levels = getattr(model, "mixture_levels", None)
+        outputs = self._outputs.outputs if self._outputs is not None else []
+        if model is None or levels is None or len(outputs) != self.n_tasks:
+            return None
+        wanted = {id(p) for p in params}
+        by_level = [[p for p in level if id(p) in wanted] for level in model.shared_parameters_by_level()]
+        if sum(len(level) for level in by_level) != len(params):
+            return None  # parameters outside the shared experts: not this mode's business
+        if self._separable is None:  # the loss function's property: checked on the first measurement
+            self._separable = losses_are_task_separable(roots, rows, outputs)
+        if not self._separable:
+            return None
+        result = structured_gradients(roots, rows, levels, by_level)
+        found = {id(p): g for level, grads in zip(by_level, result) for p, g in zip(level, grads)}
+        return [found[id(p)] for p in params]
+
     def _parameter_gradients(
         self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device
     ) -> Tensor:
@@ -384,7 +426,11 @@ class TaskAffinityComputer(nn.Module):
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
-        grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
+        grads = None
+        if self.extraction == "structured":
+            grads = self._structured_task_grads(roots, rows, [params[k] for k in live])
+        if grads is None:
+            grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
         row_index = torch.as_tensor(rows, device=device)
         for k, g in zip(live, grads):
             if g is not None:

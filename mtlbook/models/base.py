@@ -50,6 +50,7 @@ the gate inputs of higher PLE levels it would otherwise push the experts below).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -64,6 +65,29 @@ from mtlbook.models.gates import SoftmaxGate, normalized_entropy
 from mtlbook.models.towers import TaskTower
 
 
+@dataclass
+class MixtureRecord:
+    """One mixture level of the latest forward pass, for the *structured* per-task gradients
+    (:func:`mtlbook.gradients.structured_gradients`). All tensors are live (graph kept).
+
+    Attributes:
+        shared_outputs: the level's shared-expert outputs :math:`S_s` ``[B, d]``.
+        task_features: the task-private features :math:`F_k` the level hands upward (to the
+            next level's task experts and gate, or to the tower): ``[K, B, d]`` or a list.
+        task_gates: each task gate's weights ``[K, B, m]`` or a list of ``[B, m_k]``; column
+            :math:`s < n_s` weighs :math:`S_s`.
+        shared_feature: the shared gate's mixture :math:`f_s` (None without a shared gate).
+        shared_input: :math:`u_s`, what the level's shared experts and shared gate read (the
+            model input at the first level).
+    """
+
+    shared_outputs: list[Tensor]
+    task_features: Tensor | list[Tensor]
+    task_gates: Tensor | list[Tensor]
+    shared_feature: Tensor | None
+    shared_input: Tensor | None
+
+
 class _LastForward:
     """Tensors kept from the latest forward pass.
 
@@ -74,6 +98,8 @@ class _LastForward:
     def __init__(self) -> None:
         self.gate_weights: dict[str, Tensor] = {}
         self.shared_outputs: list[Tensor] = []
+        # mixture levels, bottom first; None for models (or modes) without that structure
+        self.levels: list[MixtureRecord] | None = None
 
     def __deepcopy__(self, memo: dict) -> "_LastForward":
         return _LastForward()
@@ -224,6 +250,17 @@ class MultiTaskModel(nn.Module):
     def gate_weights(self) -> dict[str, Tensor]:
         """Detached gate weights ``[batch, m]`` from the last forward pass (empty before one)."""
         return {key: w.detach() for key, w in self._last.gate_weights.items()}
+
+    @property
+    def mixture_levels(self) -> list[MixtureRecord] | None:
+        """The mixture levels of the last forward pass (live graph), bottom first, or None
+        when the model does not record them (Shared-Bottom, block attention, PLE with three
+        or more levels, whose lower task features are not task-private)."""
+        return self._last.levels
+
+    def shared_parameters_by_level(self) -> list[list[nn.Parameter]]:
+        """:meth:`shared_parameters` split by mixture level (one level by default)."""
+        return [self.shared_parameters()]
 
     @property
     def shared_outputs(self) -> list[Tensor]:

@@ -56,7 +56,7 @@ from mtlbook.models._validation import (
     check_widths,
 )
 from mtlbook.models.banks import ExpertBank, GateBank, experts_forward, group_by
-from mtlbook.models.base import MultiTaskModel, _LastForward
+from mtlbook.models.base import MixtureRecord, MultiTaskModel, _LastForward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, block_scales, concat_blocks, mix_experts
 
@@ -359,28 +359,38 @@ class PLE(MultiTaskModel):
     def _last_shared_experts(self) -> list[Expert]:
         return list(self.levels[-1].shared_experts)
 
+    def shared_parameters_by_level(self) -> list[list[nn.Parameter]]:
+        return [[p for expert in layer.shared_experts for p in expert.parameters()] for layer in self.levels]
+
     def _task_features(self, x: Tensor, record: _LastForward) -> list[Tensor]:
-        shared_input: Tensor | None = x
-        task_inputs = [x] * len(self.task_names)
-        for level, layer in enumerate(self.levels):
-            shared_input, task_inputs, shared_outputs, weights = layer(shared_input, task_inputs)
-            for key, w in weights.items():
-                name = "shared" if key == "shared" else self.task_names[int(key)]
-                record.gate_weights[f"level{level}/{name}"] = w
-            record.shared_outputs = shared_outputs
-        return task_inputs
+        return self._run_levels(x, record, bank=False)
 
     def _task_features_bank(self, x: Tensor, record: _LastForward) -> list[Tensor] | Tensor:
+        return self._run_levels(x, record, bank=True)
+
+    def _run_levels(self, x: Tensor, record: _LastForward, bank: bool) -> list[Tensor] | Tensor:
         shared_input: Tensor | None = x
         task_inputs: list[Tensor] | Tensor = [x] * len(self.task_names)
+        # the mixture record of the structured per-task gradients: its premise (task k's
+        # features feed only task k) holds for mixtures of at most two levels; from three on,
+        # task experts below the last two levels reach every tower through the shared gates
+        record.levels = [] if self.combine == "mixture" and self.n_levels <= 2 else None
         for level, layer in enumerate(self.levels):
-            shared_input, task_inputs, shared_outputs, weights = layer.forward_bank(
-                shared_input, task_inputs, self.training
-            )
+            level_input = shared_input
+            if bank:
+                shared_input, task_inputs, shared_outputs, weights = layer.forward_bank(
+                    shared_input, task_inputs, self.training
+                )
+            else:
+                shared_input, task_inputs, shared_outputs, weights = layer(shared_input, task_inputs)
             for key, w in weights.items():
                 name = "shared" if key == "shared" else self.task_names[int(key)]
                 record.gate_weights[f"level{level}/{name}"] = w
             record.shared_outputs = shared_outputs
+            if record.levels is not None:
+                gates = [weights[str(k)] for k in range(len(self.task_names))]
+                features = task_inputs if isinstance(task_inputs, Tensor) else list(task_inputs)
+                record.levels.append(MixtureRecord(shared_outputs, features, gates, shared_input, level_input))
         return task_inputs
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models._validation import check_dropout, check_int, check_per_expert_widths, check_widths
 from mtlbook.models.banks import GateBank, experts_forward
-from mtlbook.models.base import MultiTaskModel, _LastForward
+from mtlbook.models.base import MixtureRecord, MultiTaskModel, _LastForward
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate, mix_experts
 
@@ -92,6 +92,8 @@ class MMoE(MultiTaskModel):
             weights = gate(x)
             record.gate_weights[f"level0/{name}"] = weights
             features.append(mix_experts(weights, stacked))
+        gates = [record.gate_weights[f"level0/{name}"] for name in self.task_names]
+        record.levels = [MixtureRecord(outputs, features, gates, None, None)]
         return features
 
     def _task_features_bank(self, x: Tensor, record: _LastForward) -> Tensor:
@@ -108,4 +110,5 @@ class MMoE(MultiTaskModel):
         features = weights[:, :, 0, None] * stacked[0]
         for i in range(1, stacked.shape[0]):
             features = features + weights[:, :, i, None] * stacked[i]
+        record.levels = [MixtureRecord(outputs, features, weights, None, None)]
         return features
