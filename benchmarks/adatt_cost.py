@@ -5,13 +5,15 @@ For a PLE on the many-task synthetic suite (:func:`mtlbook.data.make_suite_regim
 
     forward -> per-task losses -> [affinity measurement] -> sum().backward() -> AdamW.step()
 
-in 19 configurations: the plain step, and the step with a
+in 23 configurations: the plain step, and the step with a
 :class:`~mtlbook.adatt.TaskAffinityComputer` for every combination of
 
 * ``extraction``: ``"batched"`` (the default: one ``autograd.grad`` with
   ``is_grads_batched=True``), ``"loop"`` (one ``autograd.grad`` per task through the whole
-  graph) or ``"cut"`` (per task, the cotangents of the model outputs, then one backward from
-  the task's own outputs);
+  graph), ``"cut"`` (per task, the cotangents of the model outputs, then one backward from
+  the task's own outputs) or ``"structured"`` (one backward to each task's own features,
+  then one backward through the shared experts batched over the tasks; not with
+  ``"last_layer"``, where it is the cut);
 * ``parameter_set``: ``"all"`` shared parameters, ``"weights"`` (matrices only) or
   ``"last_layer"`` (the last Linear of each last-level shared expert);
 * ``interval``: measure every step (1) or every 10th step (10).
@@ -83,7 +85,7 @@ from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
 
-EXTRACTIONS = ("cut", "loop", "batched")
+EXTRACTIONS = ("structured", "cut", "loop", "batched")
 PARAMETER_SETS = ("all", "weights", "last_layer")
 INTERVALS = (1, 10)
 FAITHFUL_AGREEMENT = 0.9
@@ -134,7 +136,8 @@ def configurations(
     for k in intervals:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"intervals must be ints >= 1, got {k!r}")
-    return [Config()] + [Config(e, p, k) for k in intervals for e in extractions for p in parameter_sets]
+    return [Config()] + [Config(e, p, k) for k in intervals for e in extractions for p in parameter_sets
+                         if not (e == "structured" and p == "last_layer")]  # that one is the cut
 
 
 # --------------------------------------------------------------------------- problem
@@ -420,6 +423,8 @@ def memory_peaks(problem: Problem, repeats: int) -> dict[str, float]:
              "forward": forward_peak(plain, repeats=repeats)}  # fmt: skip
     for e in EXTRACTIONS:
         for p in PARAMETER_SETS:
+            if e == "structured" and p == "last_layer":
+                continue
             peaks[f"{e}/{p}"] = step_peak(StepRunner(problem, Config(e, p, 1)), measure=True, repeats=repeats)
     return peaks
 

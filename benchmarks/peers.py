@@ -1,4 +1,4 @@
-"""Per-task gradients side by side: mtlbook's three extractions, torchjd and LibMTL, one run.
+"""Per-task gradients side by side: mtlbook's four extractions, torchjd and LibMTL, one run.
 
 The model is a CGC (one PLE level: 2 shared experts and 1 expert per task, experts
 32 -> 64 -> 32, batch 256) on the synthetic ``"conflict"`` suite at 4, 8 and 16 tasks (the
@@ -7,7 +7,7 @@ between the shared part and the task heads, which torchjd's ``mtl_backward`` nee
 configuration is a *whole training step* on its own copy of the same initial weights:
 
 * ``plain``: forward, ``losses.sum().backward()``, AdamW (``foreach=True``, as the trainer);
-* ``mtlbook/cut``, ``mtlbook/loop``, ``mtlbook/batched``: the plain step with
+* ``mtlbook/structured``, ``mtlbook/cut``, ``mtlbook/loop``, ``mtlbook/batched``: the plain step with
   :class:`~mtlbook.adatt.TaskAffinityComputer` measuring every step (per-task gradients on
   every shared parameter, cosines, EMA) before the backward;
 * ``torchjd``: ``torchjd.autojac.mtl_backward(losses, features=shared expert outputs)``, which
@@ -40,6 +40,10 @@ to a plain step's peak.
 
 **Check**: before timing, every configuration's per-task gradients ``G`` on the first batch
 are compared with the loop's (``max_abs_diff_vs_loop``): the peers compute the same thing.
+
+``--experts bank`` runs everything on the bank form of the model (:mod:`mtlbook.models.banks`)
+and writes ``peers_bank.csv``; there the tasks' towers share batched matmuls, so torchjd's
+per-task backward passes keep the graph (``retain_graph=True``).
 
     .venv/bin/python benchmarks/peers.py --quick                            # smoke run
     nice .venv/bin/python benchmarks/peers.py --copy-to mtlbook/tables/peers.csv

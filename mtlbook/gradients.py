@@ -293,37 +293,43 @@ class MixtureLevel(Protocol):
     shared_input: Tensor | None
 
 
-def _task_rows(value: Tensor | Sequence[Tensor], rows: Sequence[int]) -> list[Tensor]:
-    return [value[k] for k in rows]
-
-
-def losses_are_task_separable(roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequence[Tensor]) -> bool:
+def losses_are_task_separable(
+    roots: Sequence[Tensor], rows: Sequence[int], outputs: Sequence[Tensor]
+) -> bool:
     r"""Whether every :math:`L_k` (``roots[rows]``) reaches the outputs only through its own
     :math:`y_k` (``outputs[k]``): every cotangent :math:`\partial L_k / \partial y_j`,
     :math:`j \ne k`, exactly zero (one batched backward through the loss graph)."""
     if not rows or any(not y.requires_grad for y in outputs):
         return False
     cotangents = stacked_gradients(roots, rows, outputs, "batched")
-    return not any(j != k and c is not None and bool(c[r].any())
-                   for r, k in enumerate(rows) for j, c in enumerate(cotangents))  # fmt: skip
+    for r, k in enumerate(rows):
+        for j, c in enumerate(cotangents):
+            if j != k and c is not None and bool(c[r].any()):
+                return False
+    return True
 
 
-def structured_gradients(roots: Sequence[Tensor], rows: Sequence[int], levels: Sequence[MixtureLevel],
-                         params_by_level: Sequence[Sequence[Tensor]],
-                         chunk_size: int | None = None) -> list[list[Tensor | None]]:  # fmt: skip
+def structured_gradients(
+    roots: Sequence[Tensor],
+    rows: Sequence[int],
+    levels: Sequence[MixtureLevel],
+    params_by_level: Sequence[Sequence[Tensor]],
+    chunk_size: int | None = None,
+) -> list[list[Tensor | None]]:
     r"""Per-task gradients on the shared experts of a mixture model (the *structured* mode).
 
     ``levels`` are the model's mixture levels (bottom first) and ``params_by_level[l]`` the
     shared parameters of level :math:`l`. Returns, per level and parameter,
-    ``[len(rows), *shape]`` (``None`` where no task reaches it).
+    ``[len(rows), *shape]`` (``None`` where no task reaches it). ``chunk_size`` takes the
+    tasks that many at a time through the shared experts (less memory, same result).
 
     **Premise.** :math:`L_k` reaches the model only through its own output :math:`y_k`
     (what :func:`losses_are_task_separable` checks; the caller checks it once per loss
-    function, it is not re-checked here). Task :math:`k`'s features :math:`F_k^{(l)}` feed only task :math:`k`'s experts, gate and
-    tower, so one ordinary backward of :math:`\sum_k L_k` to every :math:`F^{(l)}` yields
-    :math:`C_k^{(l)} = \partial L_k / \partial F_k^{(l)}` for every task at once. Then, from
-    the top level down, with :math:`G_k` task :math:`k`'s gate weights and :math:`w` the
-    shared gate's,
+    function). Task :math:`k`'s features :math:`F_k^{(l)}` feed only task :math:`k`'s
+    experts, gate and tower, so one ordinary backward of :math:`\sum_k L_k` to every
+    :math:`F^{(l)}` yields :math:`C_k^{(l)} = \partial L_k / \partial F_k^{(l)}` for every
+    task at once. Then, from the top level down, with :math:`G_k` task :math:`k`'s gate
+    weights and :math:`f_s` the shared gate's mixture,
 
     .. math::
 
@@ -337,67 +343,69 @@ def structured_gradients(roots: Sequence[Tensor], rows: Sequence[int], levels: S
     \partial f_s^{(l-1)}` for the level below. Only the shared experts are differentiated
     :math:`K` times; everything task-specific is differentiated once.
     """
-    result: list[list[Tensor | None]] = [[None] * len(p) for p in params_by_level]
     live = [roots[k] for k in rows if roots[k].requires_grad]
     if not live:
-        return result
-    # one ordinary backward of sum_k L_k to every level's task-private features: row k of
-    # the result is dL_k / dF_k, because F_k reaches no other task's loss
-    features = [f for level in levels for f in ([level.task_features] if isinstance(level.task_features, Tensor)
-                                                else list(level.task_features))]  # fmt: skip
-    total = live[0] if len(live) == 1 else torch.stack(live).sum()
-    feature_grads = torch.autograd.grad(total, features, retain_graph=True, allow_unused=True)
-    private: list[list[Tensor]] = []
-    at = 0
-    for level in levels:
-        if isinstance(level.task_features, Tensor):
-            g = feature_grads[at]
-            g = torch.zeros_like(level.task_features) if g is None else g
-            private.append(_task_rows(g, rows))
-            at += 1
-        else:
-            parts = list(level.task_features)
-            grads = [torch.zeros_like(f) if g is None else g for f, g in zip(parts, feature_grads[at: at + len(parts)])]
-            private.append(_task_rows(grads, rows))
-            at += len(parts)
-    gates = [_task_rows(level.task_gates, rows) for level in levels]
-    n = len(rows)
-    step = n if chunk_size is None else chunk_size
-    chunks = [range(start, min(start + step, n)) for start in range(0, n, step)]
-    parts = [_descend(levels, [[p[i] for i in c] for p in private], [[g[i] for i in c] for g in gates], params_by_level)
-             for c in chunks]  # fmt: skip
-    for l in range(len(levels)):
-        for j in range(len(params_by_level[l])):
-            pieces = [part[l][j] for part in parts]
-            result[l][j] = None if pieces[0] is None else (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
-    return result
+        return [[None] * len(params) for params in params_by_level]
+    private = _private_cotangents(sum(live), levels, rows)  # [level][task] dL_k / dF_k
+    gates = [[level.task_gates[k] for k in rows] for level in levels]
+    step = chunk_size or len(rows)
+    parts = []
+    for start in range(0, len(rows), step):
+        chunk = range(start, min(start + step, len(rows)))
+        parts.append(_descend(levels, [[p[i] for i in chunk] for p in private],
+                              [[g[i] for i in chunk] for g in gates], params_by_level))
+    # glue the chunks back together along the task axis
+    return [[None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*level_parts)]
+            for level_parts in zip(*parts)]
 
 
-def _descend(levels: Sequence[MixtureLevel], private: Sequence[Sequence[Tensor]], gates: Sequence[Sequence[Tensor]],
-             params_by_level: Sequence[Sequence[Tensor]]) -> list[list[Tensor | None]]:  # fmt: skip
+def _private_cotangents(
+    total: Tensor, levels: Sequence[MixtureLevel], rows: Sequence[int]
+) -> list[list[Tensor]]:
+    """``dL_k / dF_k`` per level and task of ``rows``, from one backward of ``total``."""
+    # F_k reaches no other task's loss, so row k of d(sum_j L_j)/dF is dL_k/dF_k
+    per_level = [[f] if isinstance(f, Tensor) else list(f) for f in (lv.task_features for lv in levels)]
+    flat = [f for features in per_level for f in features]
+    grads = iter(torch.autograd.grad(total, flat, retain_graph=True, allow_unused=True))
+    out = []
+    for level, features in zip(levels, per_level):
+        level_grads = [torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)]
+        # one [K, B, d] tensor, or one [B, d_k] tensor per task
+        tasks = level_grads[0] if isinstance(level.task_features, Tensor) else level_grads
+        out.append([tasks[k] for k in rows])
+    return out
+
+
+def _descend(
+    levels: Sequence[MixtureLevel],
+    private: Sequence[Sequence[Tensor]],
+    gates: Sequence[Sequence[Tensor]],
+    params_by_level: Sequence[Sequence[Tensor]],
+) -> list[list[Tensor | None]]:
     """The top-down pass of :func:`structured_gradients` for one chunk of tasks."""
-    result: list[list[Tensor | None]] = [[None] * len(p) for p in params_by_level]
-    from_above: Tensor | None = None  # dL_k / df_s of the current level, [n, B, d]
-    for l in range(len(levels) - 1, -1, -1):
+    result: list[list[Tensor | None]] = [[None] * len(params) for params in params_by_level]
+    from_above = None  # dL_k / df_s for the level being processed, [n, B, d]
+    for l in reversed(range(len(levels))):
         level = levels[l]
         own = torch.stack(list(private[l]))  # [n, B, d]
-        outs, cots = [], []
+        outs, cotangents = [], []
         for s, shared_out in enumerate(level.shared_outputs):
-            weight = torch.stack([g[:, s] for g in gates[l]]).unsqueeze(-1).to(own.dtype)  # [n, B, 1]
+            weight = torch.stack([g[:, s] for g in gates[l]]).unsqueeze(-1)  # [n, B, 1]
             outs.append(shared_out)
-            cots.append(weight * own)
+            cotangents.append(weight.to(own.dtype) * own)
         if from_above is not None and level.shared_feature is not None:
             outs.append(level.shared_feature)
-            cots.append(from_above)
+            cotangents.append(from_above)
         wanted = list(params_by_level[l])
-        pass_down = l > 0 and level.shared_input is not None and level.shared_input.requires_grad
+        u_s = level.shared_input
+        pass_down = l > 0 and u_s is not None and u_s.requires_grad
         if pass_down:
-            wanted.append(level.shared_input)
+            wanted.append(u_s)
         from_above = None
         if not outs or not wanted:
             continue
-        grads = torch.autograd.grad(outs, wanted, grad_outputs=cots, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=True)  # fmt: skip
+        grads = torch.autograd.grad(outs, wanted, grad_outputs=cotangents, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
         result[l] = list(grads[: len(params_by_level[l])])
         if pass_down:
             from_above = grads[-1]

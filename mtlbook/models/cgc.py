@@ -371,18 +371,18 @@ class PLE(MultiTaskModel):
     def _run_levels(self, x: Tensor, record: _LastForward, bank: bool) -> list[Tensor] | Tensor:
         shared_input: Tensor | None = x
         task_inputs: list[Tensor] | Tensor = [x] * len(self.task_names)
-        # the mixture record of the structured per-task gradients: its premise (task k's
-        # features feed only task k) holds for mixtures of at most two levels; from three on,
-        # task experts below the last two levels reach every tower through the shared gates
-        record.levels = [] if self.combine == "mixture" and self.n_levels <= 2 else None
+        # what the structured per-task gradients read: its premise (task k's features
+        # feed only task k) holds up to two levels; from three on, task experts below
+        # the last two levels reach every tower through the shared gates
+        mixture = self.combine == "mixture" and self.n_levels <= 2
+        record.levels = [] if mixture else None
         for level, layer in enumerate(self.levels):
             level_input = shared_input
             if bank:
-                shared_input, task_inputs, shared_outputs, weights = layer.forward_bank(
-                    shared_input, task_inputs, self.training
-                )
+                outputs = layer.forward_bank(shared_input, task_inputs, self.training)
             else:
-                shared_input, task_inputs, shared_outputs, weights = layer(shared_input, task_inputs)
+                outputs = layer(shared_input, task_inputs)
+            shared_input, task_inputs, shared_outputs, weights = outputs
             for key, w in weights.items():
                 name = "shared" if key == "shared" else self.task_names[int(key)]
                 record.gate_weights[f"level{level}/{name}"] = w
@@ -390,7 +390,9 @@ class PLE(MultiTaskModel):
             if record.levels is not None:
                 gates = [weights[str(k)] for k in range(len(self.task_names))]
                 features = task_inputs if isinstance(task_inputs, Tensor) else list(task_inputs)
-                record.levels.append(MixtureRecord(shared_outputs, features, gates, shared_input, level_input))
+                record.levels.append(
+                    MixtureRecord(shared_outputs, features, gates, shared_input, level_input)
+                )
         return task_inputs
 
 
