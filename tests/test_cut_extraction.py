@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from mtlbook.adatt import AdaptiveTaskTransfer, TaskAffinityComputer
+from mtlbook.adatt import TaskAffinityComputer
 from mtlbook.balancing import UncertaintyBalancer
 from mtlbook.gradients import EXTRACTIONS, cut_gradients, stacked_gradients
 from mtlbook.losses import present_tasks, task_losses
 from mtlbook.models import build_model, to_bank
 from mtlbook.train import Trainer, TrainerConfig
 
-from _tiny import NAMES, SPECS, make_dataset
+from _tiny import NAMES, SPECS, make_dataset, train_adatt
 
 MODES = ("cut", "loop", "batched")
 
@@ -135,20 +135,10 @@ def test_unknown_extraction_names_the_choices():
     assert EXTRACTIONS[0] == "batched" and TaskAffinityComputer(NAMES).extraction == "batched"
 
 
-def _train(extraction: str) -> AdaptiveTaskTransfer:
-    torch.manual_seed(0)
-    model = build_model("ple", 5, SPECS)
-    adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3, grad_interval=1, extraction=extraction)
-    config = TrainerConfig(phase1_epochs=2, phase2_epochs=0, batch_size=16, lr=5e-3, warmup_epochs=1,
-                           progress=False, patience=None, balancing="uncertainty")  # fmt: skip
-    Trainer(model, config, adatt=adatt).fit(make_dataset(96))
-    return adatt
-
-
 def test_adatt_trains_with_the_cut_and_measures_what_the_batched_call_measures():
     """Two epochs, measuring at every step: the affinity the cut accumulates is the batched
     call's to float rounding (the runs may drift apart by rounding, so the bound is loose)."""
-    cut, batched = _train("cut"), _train("batched")
+    cut, batched = train_adatt("cut"), train_adatt("batched")
     assert cut.affinity_computer.extraction == "cut" and int(cut.affinity_computer.n_updates) > 0
     assert int(cut.affinity_computer.n_updates) == int(batched.affinity_computer.n_updates)
     a, b = cut.affinity_computer.affinity, batched.affinity_computer.affinity

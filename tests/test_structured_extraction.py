@@ -15,14 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from mtlbook.adatt import AdaptiveTaskTransfer, TaskAffinityComputer
+from mtlbook.adatt import TaskAffinityComputer
 from mtlbook.balancing import UncertaintyBalancer
 from mtlbook.gradients import losses_are_task_separable, stacked_gradients, structured_gradients
 from mtlbook.losses import present_tasks, task_losses
 from mtlbook.models import PLE, build_model, to_bank
-from mtlbook.train import Trainer, TrainerConfig
 
-from _tiny import NAMES, SPECS, make_dataset
+from _tiny import NAMES, SPECS, make_dataset, train_adatt
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -161,16 +160,7 @@ class _SharedOnly(nn.Module):
 
 
 def test_adatt_trains_with_the_structured_extraction():
-    def train(extraction: str) -> AdaptiveTaskTransfer:
-        torch.manual_seed(0)
-        model = build_model("ple", 5, SPECS)
-        adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3, grad_interval=1, extraction=extraction)
-        config = TrainerConfig(phase1_epochs=2, phase2_epochs=0, batch_size=16, lr=5e-3, warmup_epochs=1,
-                               progress=False, patience=None, balancing="uncertainty")  # fmt: skip
-        Trainer(model, config, adatt=adatt).fit(make_dataset(96))
-        return adatt
-
-    structured, loop = train("structured"), train("loop")
+    structured, loop = train_adatt("structured"), train_adatt("loop")
     assert structured.affinity_computer.extraction == "structured"
     assert int(structured.affinity_computer.n_updates) == int(loop.affinity_computer.n_updates) > 0
     a, b = structured.affinity_computer.affinity, loop.affinity_computer.affinity
