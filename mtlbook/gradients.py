@@ -418,10 +418,12 @@ def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequ
     """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or
     ``None`` when no root reaches it. ``extraction``: ``"batched"`` (one ``autograd.grad`` call
     with ``is_grads_batched=True``), ``"loop"`` (one call per task) or ``"cut"`` (split at the
-    model ``outputs``, see :func:`cut_gradients`; without ``outputs`` it is the loop)."""
+    model ``outputs``, see :func:`cut_gradients`; without ``outputs`` it is the loop).
+    ``"structured"`` needs the model's mixture levels (:func:`structured_gradients`, which
+    :class:`~mtlbook.adatt.TaskAffinityComputer` tries first); here it is the cut."""
     if extraction not in EXTRACTIONS:
         raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
-    if extraction in ("cut", "structured") and outputs:  # structured needs the model: its callers try it first
+    if extraction in ("cut", "structured") and outputs:
         return cut_gradients(roots, rows, outputs, inputs)
     if extraction in ("loop", "cut", "structured"):
         return _stack_rows([gradient_parts(roots[i], inputs) for i in rows], inputs)

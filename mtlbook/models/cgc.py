@@ -63,6 +63,13 @@ from mtlbook.models.gates import SoftmaxGate, block_scales, concat_blocks, mix_e
 COMBINE_MODES = ("mixture", "block")
 
 
+def _rows_of_owners(stacked_inputs: Tensor, owners: Sequence[int]) -> Tensor:
+    """Row ``owners[i]`` of the task-major ``[K, batch, d]`` inputs for task expert ``i``."""
+    if list(owners) == list(range(stacked_inputs.shape[0])):
+        return stacked_inputs  # one expert per task: the inputs as they are
+    return stacked_inputs.index_select(0, torch.as_tensor(owners, device=stacked_inputs.device))
+
+
 class ExtractionLevel(nn.Module):
     """One CGC level: shared experts, per-task experts, per-task gates and an optional shared gate.
 
@@ -181,12 +188,7 @@ class ExtractionLevel(nn.Module):
             and (stacked_inputs is not None or all(t is task_list[0] for t in task_list))
         ):  # fmt: skip
             # the fast path: task experts stay one [n_t, batch, d] tensor from matmul to mixture
-            if stacked_inputs is None:
-                x = task_list[0]  # every expert reads the same input: broadcast
-            elif owners == list(range(n_tasks)):
-                x = stacked_inputs
-            else:
-                x = stacked_inputs.index_select(0, torch.as_tensor(owners, device=stacked_inputs.device))
+            x = task_list[0] if stacked_inputs is None else _rows_of_owners(stacked_inputs, owners)
             task_stack = task_bank.stacked(x, training)  # [n_t, batch, d], task-major
             u = stacked_inputs if stacked_inputs is not None else task_list[0]
             gate_w = GateBank(list(self.task_gates))(u).to(task_stack.dtype)  # [K, batch, m]
@@ -198,9 +200,7 @@ class ExtractionLevel(nn.Module):
             # becomes one tiny matmul per batch row on CPU
             terms = [gate_w[:, :, s, None] * shared_outputs[s] for s in range(n_s)]
             terms += [gate_w[:, :, n_s + j, None] * own[:, j] for j in range(n_own)]
-            task_features = terms[0]
-            for term in terms[1:]:
-                task_features = task_features + term
+            task_features = sum(terms[1:], terms[0])
             for k in range(n_tasks):
                 weights[str(k)] = gate_w[k]
             shared_feature = None
@@ -213,9 +213,7 @@ class ExtractionLevel(nn.Module):
             return shared_feature, task_features, shared_outputs, weights
 
         if flat_task_experts and stacked_inputs is not None and single_shape:
-            # one [n, batch, d] input, no unbind/restack
-            index = torch.as_tensor(owners, device=stacked_inputs.device)
-            x = stacked_inputs if owners == list(range(n_tasks)) else stacked_inputs.index_select(0, index)
+            x = _rows_of_owners(stacked_inputs, owners)  # one [n, batch, d] input, no unbind/restack
             flat_outputs = experts_forward(flat_task_experts, [x] * len(owners), training, stacked=True)
         else:
             flat_outputs = experts_forward(flat_task_experts, [task_list[k] for k in owners], training)

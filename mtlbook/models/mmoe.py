@@ -87,12 +87,12 @@ class MMoE(MultiTaskModel):
         outputs = [expert(x) for expert in self.experts]
         record.shared_outputs = outputs
         stacked = torch.stack(outputs, dim=1)  # [batch, n_experts, expert_dim]
-        features = []
+        features, gates = [], []
         for name, gate in zip(self.task_names, self.gates):
             weights = gate(x)
             record.gate_weights[f"level0/{name}"] = weights
+            gates.append(weights)
             features.append(mix_experts(weights, stacked))
-        gates = [record.gate_weights[f"level0/{name}"] for name in self.task_names]
         record.levels = [MixtureRecord(outputs, features, gates, None, None)]
         return features
 
