@@ -79,6 +79,9 @@ from mtlbook.experiments.study import (  # noqa: E402
 from mtlbook.experiments.lr_search import (  # noqa: E402
     LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
 )
+from mtlbook.experiments.study_configs import with_compute  # noqa: E402
+from mtlbook.gradients import EXTRACTIONS  # noqa: E402
+from mtlbook.models import EXPERT_MODES  # noqa: E402
 
 GROUPS = {"primary": PRIMARY_CONFIGS, "secondary": SECONDARY_CONFIGS, "real": REAL_PRIMARY_CONFIGS,
           "methods": METHOD_CONFIGS, "ablations": ABLATION_CONFIGS, "weighting": WEIGHTING_CONFIGS,
@@ -109,13 +112,26 @@ def main(argv: list[str] | None = None) -> int:
                              "the chosen lrs go to <out>_chosen.csv")
     parser.add_argument("--lr", choices=("size", "chosen"), default="size",
                         help="'size': the size's lr (default); 'chosen': evaluation_lr per (config, dataset)")
+    parser.add_argument("--experts", choices=EXPERT_MODES, default=None,
+                        help="compute the models' experts this way (timing runs only; needs --out outside mtlbook/tables)")
+    parser.add_argument("--extraction", choices=EXTRACTIONS, default=None,
+                        help="adaTT's per-task gradient mode (timing runs only; needs --out outside mtlbook/tables)")
     args = parser.parse_args(argv)
     if args.scheduler is not None and args.backend != "dask":
         parser.error("--scheduler needs --backend dask")
+    size = args.size
+    if args.experts is not None or args.extraction is not None:
+        # same models up to float rounding: such a table is a timing, never the stored study's
+        tables = (ROOT / "mtlbook" / "tables").resolve()
+        if args.out is None or tables in args.out.resolve().parents:
+            parser.error("--experts/--extraction need --out outside mtlbook/tables (the stored study is computed "
+                         "with the library defaults)")
+        size = with_compute(args.size, args.experts, args.extraction)
 
     out = args.out or ROOT / "mtlbook" / "tables" / f"study_{args.size}.csv"
     seeds = None if args.seeds is None else list(range(args.seeds))
     configs = list(dict.fromkeys(name for item in args.configs for name in GROUPS.get(item, (item,))))
+    before = _finished_cells(out)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if args.backend == "dask":
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(Client(args.scheduler))
         log = None if args.quiet else (lambda line: print(line, flush=True))
         if args.lr_search:
-            search = run_lr_search(out, configs, args.datasets, size=args.size, n_jobs=args.n_jobs, log=log)
+            search = run_lr_search(out, configs, args.datasets, size=size, n_jobs=args.n_jobs, log=log)
             chosen = select_lr(search)
             chosen.to_csv(out.with_name(out.stem + "_chosen.csv"), index=False)
             print(chosen.loc[chosen["chosen"]].to_string(index=False))
@@ -139,17 +155,30 @@ def main(argv: list[str] | None = None) -> int:
             # one grid per dataset: the same config name carries a different lr on each dataset
             for dataset in args.datasets:
                 table = run_grid(out, configs=[chosen_config(name, dataset) for name in configs], datasets=[dataset],
-                                 seeds=seeds, size=args.size, retry_failed=not args.keep_failed, n_jobs=args.n_jobs,
+                                 seeds=seeds, size=size, retry_failed=not args.keep_failed, n_jobs=args.n_jobs,
                                  log=log, backend=args.backend)  # fmt: skip
         else:
-            table = run_grid(out, configs=configs, datasets=args.datasets, seeds=seeds, size=args.size,
+            table = run_grid(out, configs=configs, datasets=args.datasets, seeds=seeds, size=size,
                              retry_failed=not args.keep_failed, n_jobs=args.n_jobs, log=log, backend=args.backend)  # fmt: skip
     elapsed = time.perf_counter() - started
     cells = table.drop_duplicates(["config", "dataset", "seed"])
     failed = int((cells["status"] == "failed").sum())
     print(f"{len(cells)} cells in {out} ({failed} failed); this run took {elapsed:.1f} s "
           f"(training time summed over all cells in the file: {cells['wall_time'].sum():.1f} s)")  # fmt: skip
+    trained = len(cells) - len(before)
+    if trained:
+        print(f"this run trained {trained} cells: {trained / elapsed * 3600:.0f} cells per hour")
     return 1 if failed else 0
+
+
+def _finished_cells(path: Path):
+    """The cells already in ``path`` (resumed, not trained by this run)."""
+    import pandas as pd
+
+    if not path.exists():
+        return pd.DataFrame(columns=["config", "dataset", "seed"])
+    table = pd.read_csv(path)
+    return table.loc[table["status"] == "ok"].drop_duplicates(["config", "dataset", "seed"])
 
 
 if __name__ == "__main__":

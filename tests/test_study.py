@@ -617,3 +617,40 @@ def test_study_plots_draw_one_row_per_config_and_refuse_missing_data():
     with pytest.raises(ValueError, match="no rows"):
         study.plot_task_means(study.summarize(census), "census", "weeks_worked")
     plt.close("all")
+
+
+# --------------------------------------------------------------------------- the study computed another way (timing runs)
+def test_with_compute_trains_the_same_models_up_to_rounding():
+    """Bank experts and structured extraction change how a cell computes, not what it trains:
+    the same metrics to float rounding, and the size's other settings untouched."""
+    from mtlbook.experiments.study_configs import with_compute
+
+    tiny = dataclasses.replace(study.SIZES["small"], **TINY)
+    fast = with_compute(tiny, "bank", "structured")
+    assert fast.model["experts"] == "bank" and fast.adatt_extraction == "structured"
+    assert "experts" not in tiny.model and tiny.adatt_extraction == "batched"  # the original is not changed
+    assert dataclasses.replace(fast, model=tiny.model, adatt_extraction="batched") == tiny
+    assert trainer_config(get_config("ple_uw_adatt"), 0, fast).adatt["extraction"] == "structured"
+    assert trainer_config(get_config("ple_uw_adatt"), 0, tiny).adatt["extraction"] == "batched"
+    assert with_compute(tiny) == tiny
+    default = run_cell("ple_uw_adatt", "suite_conflict", 1, tiny)
+    other = run_cell("ple_uw_adatt", "suite_conflict", 1, fast)
+    assert [m[:2] for m in other.metrics] == [m[:2] for m in default.metrics]
+    np.testing.assert_allclose([m[2] for m in other.metrics], [m[2] for m in default.metrics], rtol=1e-4)
+    with pytest.raises(ValueError, match="experts must be one of"):
+        with_compute(tiny, experts="stacked")
+    with pytest.raises(ValueError, match="extraction must be one of"):
+        with_compute(tiny, extraction="vmap")
+
+
+def test_run_study_keeps_timing_runs_out_of_the_stored_tables(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_study", Path(__file__).parents[1] / "benchmarks" / "run_study.py")
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+    for argv in (["--experts", "bank"], ["--extraction", "structured", "--out", "mtlbook/tables/study_small.csv"]):
+        with pytest.raises(SystemExit) as stopped:
+            run_study.main(argv)
+        assert stopped.value.code == 2
+        assert "need --out outside mtlbook/tables" in capsys.readouterr().err

@@ -231,7 +231,7 @@ def trainer_config(config: StudyConfig, seed: int, size: str | StudySize, task_g
     adatt = None
     if config.adatt is not None:
         adatt = {"warmup_epochs": size.adatt_warmup_epochs, "freeze_epoch": size.adatt_freeze_epoch,
-                 "grad_interval": size.adatt_grad_interval,
+                 "grad_interval": size.adatt_grad_interval, "extraction": size.adatt_extraction,
                  "task_groups": None if task_groups is None else {g: list(t) for g, t in task_groups.items()}}  # fmt: skip
         adatt.update(dict(config.adatt))
     return TrainerConfig(

@@ -224,6 +224,10 @@ class StudySize:
         per_dataset: settings of one dataset that differ from the above, ``{dataset:
             {field: value}}``; ``"rows"`` gives that dataset's (train, val, test) rows
             (``0`` = the whole split). :meth:`for_dataset` applies them.
+        adatt_extraction: how adaTT gets its per-task gradients (``extraction`` of
+            :class:`~mtlbook.adatt.AdaptiveTaskTransfer`; the library default ``"batched"``).
+            Only the speed comparison of ``benchmarks/run_study.py --extraction`` changes it
+            (with ``model["experts"]``, see :func:`with_compute`).
     """
 
     name: str
@@ -241,6 +245,7 @@ class StudySize:
     adatt_freeze_epoch: int
     adatt_grad_interval: int
     per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    adatt_extraction: str = "batched"
 
     def for_dataset(self, dataset: str) -> "StudySize":
         """This size with ``per_dataset[dataset]`` applied (itself, values unchanged, otherwise)."""
@@ -326,6 +331,28 @@ SIZES: dict[str, StudySize] = {
         adatt_warmup_epochs=2, adatt_freeze_epoch=10, adatt_grad_interval=10,
     ),
 }
+
+
+def with_compute(size: str | StudySize, experts: str | None = None, extraction: str | None = None) -> StudySize:
+    """``size`` computed another way: its models with ``experts`` (``"modules"`` or ``"bank"``,
+    :class:`~mtlbook.models.PLE`) and adaTT with ``extraction`` (one of
+    :data:`mtlbook.gradients.EXTRACTIONS`); ``None`` keeps the size's choice.
+
+    The same weights give the same outputs in every form (to float rounding), so such a run
+    trains the same models as the stored study up to rounding; it exists to time the forms
+    (``benchmarks/run_study.py --experts bank --extraction structured``) and never writes the
+    stored tables.
+    """
+    from mtlbook.gradients import EXTRACTIONS
+    from mtlbook.models.banks import check_expert_mode
+
+    size = get_size(size)
+    model = dict(size.model)
+    if experts is not None:
+        model["experts"] = check_expert_mode(experts)
+    if extraction is not None and extraction not in EXTRACTIONS:
+        raise ValueError(f"extraction must be one of {EXTRACTIONS}, got {extraction!r}")
+    return replace(size, model=model, adatt_extraction=extraction or size.adatt_extraction)
 
 
 def get_size(size: str | StudySize) -> StudySize:
