@@ -9,7 +9,7 @@ AdamW step and the per-batch bookkeeping, for a PLE on the many-task synthetic s
 problem (2-level PLE, 2 shared experts per level, expert width 64 -> 32, batch 256) is the
 one of ``adatt_cost.py``, so the two tables can be read together.
 
-Five configurations (adaTT held in its *dynamic* phase: ``warmup_epochs=0`` and a freeze
+Nine configurations (adaTT held in its *dynamic* phase: ``warmup_epochs=0`` and a freeze
 epoch that is never reached, so it measures, transfers and learns ``W``):
 
 * ``plain``: the trainer without adaTT;
@@ -18,9 +18,17 @@ epoch that is never reached, so it measures, transfers and learns ``W``):
 * ``adatt_transfer_only``: adaTT that never measures inside the timed blocks (its interval
   is larger than the run), so only the transfer loss and ``W`` cost anything;
 * ``adatt_every1_loop``: like ``adatt_every1`` but with one ``autograd.grad`` call per task
-  (``extraction="loop"``, the sources' way) instead of one batched call.
+  (``extraction="loop"``, the sources' way) instead of one batched call;
+* ``adatt_every1_structured`` / ``adatt_every10_structured``: every step / every 10th step
+  with ``extraction="structured"`` (per-task gradients through the shared experts only);
+* ``plain_bank``: the trainer without adaTT on the same weights stored as banks
+  (``experts="bank"``, :func:`mtlbook.models.to_bank`);
+* ``adatt_every1_bank``: the bank model, adaTT measuring every step, structured.
 
-The other adaTT configurations use the package default ``extraction="batched"``.
+The other adaTT configurations use the package default ``extraction="batched"`` and the
+module form. ``ratio`` divides by the ``plain`` blocks (module form) of the same round;
+``ratio_own_form`` divides by the blocks of the configuration without adaTT in the same form
+(``plain`` or ``plain_bank``) of the same round: what adaTT costs a user of that form.
 
 **Timing through the public API.** A block is one ``Trainer.fit`` of one epoch on a fresh
 trainer (same initial weights for every configuration): a warm-up step on the first batch
@@ -66,7 +74,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -74,22 +82,34 @@ from torch import nn
 from mtlbook.adatt import AdaptiveTaskTransfer
 from mtlbook.data import Batch
 from mtlbook.losses import task_losses
-from mtlbook.models import PLE
+from mtlbook.models import PLE, to_bank
 from mtlbook.train import Callback, Trainer, TrainerConfig
 
-#: ``{configuration: (grad_interval, extraction)}``; ``None`` = no adaTT; an interval of
-#: :data:`NEVER` = no measurement inside the timed blocks.
+class Setup(NamedTuple):
+    """One configuration: adaTT's interval and extraction (``None``: no adaTT; an interval of
+    :data:`NEVER`: no measurement inside the timed blocks) and the model's ``experts`` form."""
+
+    interval: int | None
+    extraction: str | None
+    experts: str = "modules"
+
+
 NEVER = 2**40
-CONFIGS: dict[str, tuple[int, str] | None] = {
-    "plain": None,
-    "adatt_every1": (1, "batched"),
-    "adatt_every10": (10, "batched"),
-    "adatt_transfer_only": (NEVER, "batched"),
-    "adatt_every1_loop": (1, "loop"),
+CONFIGS: dict[str, Setup] = {
+    "plain": Setup(None, None),
+    "adatt_every1": Setup(1, "batched"),
+    "adatt_every10": Setup(10, "batched"),
+    "adatt_transfer_only": Setup(NEVER, "batched"),
+    "adatt_every1_loop": Setup(1, "loop"),
+    "adatt_every1_structured": Setup(1, "structured"),
+    "adatt_every10_structured": Setup(10, "structured"),
+    "plain_bank": Setup(None, None, "bank"),
+    "adatt_every1_bank": Setup(1, "structured", "bank"),
 }
 BASELINE = "plain"
 CSV_COLUMNS = (
-    "n_tasks", "config", "grad_interval", "extraction", "step_ms", "ratio", "ratio_q25", "ratio_q75",
+    "n_tasks", "config", "grad_interval", "extraction", "experts", "step_ms", "ratio", "ratio_q25", "ratio_q75",
+    "ratio_own_form",
     "step_measured", "peak_kib", "peak_ratio", "forward_peak_kib", "peak_over_forward",
     "batch_size", "block_steps", "rounds", "threads", "device", "torch",
 )  # fmt: skip
@@ -116,11 +136,11 @@ def make_trainer(problem: Problem, config: str, epochs: int, device: str = "cpu"
     if config not in CONFIGS:
         raise ValueError(f"config must be one of {tuple(CONFIGS)}, got {config!r}")
     _check_int(epochs, "epochs", 1)
-    model = copy.deepcopy(problem.model)
+    setup = CONFIGS[config]
+    model = copy.deepcopy(problem.model) if setup.experts == "modules" else to_bank(problem.model)
     adatt = None
-    if CONFIGS[config] is not None:
-        interval, extraction = CONFIGS[config]
-        adatt = AdaptiveTaskTransfer(model.task_names, grad_interval=interval, extraction=extraction,
+    if setup.interval is not None:
+        adatt = AdaptiveTaskTransfer(model.task_names, grad_interval=setup.interval, extraction=setup.extraction,
                                      warmup_epochs=0, freeze_epoch=NEVER)
     settings = TrainerConfig(phase1_epochs=epochs, phase2_epochs=0, warmup_epochs=0, patience=None,
                              restore_best=False, progress=False, seed=0, device=device, amp="off")  # fmt: skip
@@ -299,6 +319,16 @@ def forward_peak(problem: Problem, device: str = "cpu") -> float:
 
 
 # --------------------------------------------------------------------------- driver
+def own_baseline(name: str, configs: Sequence[str]) -> str | None:
+    """The configuration without adaTT in ``name``'s experts form (its ``ratio_own_form``
+    divides by it, round by round), or ``None`` when ``configs`` has none."""
+    form = CONFIGS[name].experts
+    for other in configs:
+        if CONFIGS[other].interval is None and CONFIGS[other].experts == form:
+            return other
+    return None
+
+
 def benchmark(
     n_tasks: int,
     rounds: int,
@@ -321,15 +351,20 @@ def benchmark(
     rows = []
     for name in configs:
         peak, measured = peaks[name]
+        setup = CONFIGS[name]
+        own_plain = own_baseline(name, configs)
         rows.append({
             "n_tasks": n_tasks,
             "config": name,
-            "grad_interval": "" if CONFIGS[name] is None else ("never" if CONFIGS[name][0] == NEVER else CONFIGS[name][0]),
-            "extraction": "" if CONFIGS[name] is None else CONFIGS[name][1],
+            "grad_interval": "" if setup.interval is None else ("never" if setup.interval == NEVER else setup.interval),
+            "extraction": setup.extraction or "",
+            "experts": setup.experts,
             "step_ms": 1000.0 * statistics.median(times[name]) / block_steps,
             "ratio": statistics.median(ratios[name]),
             "ratio_q25": quantile(ratios[name], 0.25),
             "ratio_q75": quantile(ratios[name], 0.75),
+            "ratio_own_form": math.nan if own_plain is None else
+            statistics.median(t / b for t, b in zip(times[name], times[own_plain])),
             "step_measured": measured,
             "peak_kib": peak / 1024.0,
             "peak_ratio": peak / base_peak if base_peak > 0 else math.nan,
@@ -358,10 +393,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> P
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'tasks':>5} {'config':<20} {'step ms':>8} {'ratio':>6} {'[q25, q75]':>14} {'peak KiB':>9} "
+    lines = [f"{'tasks':>5} {'config':<25} {'step ms':>8} {'ratio':>6} {'[q25, q75]':>14} {'peak KiB':>9} "
              f"{'peak x':>7} {'x fwd':>6}"]  # fmt: skip
     for r in rows:
-        lines.append(f"{r['n_tasks']:>5} {r['config']:<20} {r['step_ms']:>8.2f} {r['ratio']:>6.3f} "
+        lines.append(f"{r['n_tasks']:>5} {r['config']:<25} {r['step_ms']:>8.2f} {r['ratio']:>6.3f} "
                      f"[{r['ratio_q25']:.3f}, {r['ratio_q75']:.3f}] {r['peak_kib']:>9.0f} "
                      f"{r['peak_ratio']:>7.3f} {r['peak_over_forward']:>6.2f}")  # fmt: skip
     return "\n".join(lines)

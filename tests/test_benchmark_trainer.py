@@ -106,13 +106,33 @@ def test_a_block_times_its_steps_after_the_warm_up_and_measures_as_its_interval_
             assert trainer.adatt.phase == "dynamic"
             updates[name] = int(trainer.adatt.affinity_computer.n_updates)
     # step 0 (the warm-up) measures, then every interval-th step
-    assert updates["adatt_every1"] == updates["adatt_every1_loop"] == block + 1
-    assert updates["adatt_every10"] == 1 + block // 10
+    every1 = [n for n, setup in ts.CONFIGS.items() if setup.interval == 1]
+    assert len(every1) == 4 and all(updates[n] == block + 1 for n in every1)
+    assert updates["adatt_every10"] == updates["adatt_every10_structured"] == 1 + block // 10
     assert updates["adatt_transfer_only"] == 1  # only the untimed warm-up step
-    assert "plain" not in updates
+    assert "plain" not in updates and "plain_bank" not in updates
     # blocks run one after another, in this thread
     ordered = sorted(spans.values())
     assert all(end <= next_start for (_, end), (next_start, _) in zip(ordered, ordered[1:]))
+
+
+def test_each_configuration_trains_its_form_and_extraction(ts, tiny):
+    """The bank configurations train a bank model (same initial weights), the structured ones
+    measure the structured way; each ratio's own baseline is the plain trainer of its form."""
+    for name, setup in ts.CONFIGS.items():
+        trainer = ts.make_trainer(tiny, name, epochs=1)
+        assert trainer.model.experts_mode == setup.experts
+        if setup.interval is None:
+            assert trainer.adatt is None
+        else:
+            assert trainer.adatt.affinity_computer.extraction == setup.extraction
+        assert ts.own_baseline(name, tuple(ts.CONFIGS)) == ("plain" if setup.experts == "modules" else "plain_bank")
+    bank = ts.make_trainer(tiny, "plain_bank", epochs=1).model
+    plain = ts.make_trainer(tiny, "plain", epochs=1).model
+    batch = tiny.batches[0]
+    for task, out in plain.eval()(batch.inputs).items():
+        torch.testing.assert_close(bank.eval()(batch.inputs)[task], out, rtol=1e-6, atol=1e-6)
+    assert ts.own_baseline("adatt_every1_bank", ("plain", "adatt_every1_bank")) is None
 
 
 def test_every_round_times_one_block_per_configuration(ts, tiny, monkeypatch):

@@ -38,7 +38,7 @@ def test_tables_are_package_data():
 
 def test_writers_default_to_the_package_folder():
     """The benchmark scripts write where the package reads (no copy under book/)."""
-    for script in ["census_results.py", "ch2_horizon.py", "trainer_step.py", "run_study.py"]:
+    for script in ["census_results.py", "ch2_horizon.py", "trainer_step.py", "run_study.py", "study_throughput.py"]:
         text = (ROOT / "benchmarks" / script).read_text()
         assert '"mtlbook" / "tables"' in text, script
         assert '"book" / "data"' not in text, script
