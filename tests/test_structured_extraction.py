@@ -141,6 +141,38 @@ def test_chunks_of_tasks_give_the_same_gradients(chunk_size):
             assert a.shape[0] == 3 and torch.allclose(a, b, rtol=0, atol=1e-7)
 
 
+def test_the_computer_and_adatt_take_a_chunk_size(monkeypatch):
+    """``chunk_size`` reaches :func:`structured_gradients` through the public classes: the
+    same ``G`` as all tasks at once, and a clear error for a bad value or another mode."""
+    from mtlbook.adatt import AdaptiveTaskTransfer
+
+    model = make("ple", bank=True)
+    batch = make_dataset(32, seed=5).collate(range(32))
+    at_once = TaskAffinityComputer(NAMES, extraction="structured").attach(model)
+    computer = TaskAffinityComputer(NAMES, extraction="structured", chunk_size=2).attach(model)
+    assert "chunk_size=2" in repr(computer)
+    losses = task_losses(model(batch.inputs), batch, SPECS)  # after attach: both see this forward
+    whole = at_once.extract_gradients(losses)
+    import mtlbook.adatt.affinity as affinity_module
+
+    seen = []
+
+    def spy(*args, chunk_size=None):
+        seen.append(chunk_size)
+        return structured_gradients(*args, chunk_size=chunk_size)
+
+    monkeypatch.setattr(affinity_module, "structured_gradients", spy)
+    assert_same(computer.extract_gradients(losses), whole)
+    assert seen == [2]
+    adatt = AdaptiveTaskTransfer(NAMES, extraction="structured", chunk_size=1)
+    assert adatt.affinity_computer.chunk_size == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1"):
+            TaskAffinityComputer(NAMES, extraction="structured", chunk_size=bad)
+    with pytest.raises(ValueError, match='chunk_size applies to extraction="structured" only'):
+        AdaptiveTaskTransfer(NAMES, extraction="batched", chunk_size=2)
+
+
 def test_bad_attachment_is_a_clear_error():
     with pytest.raises(TypeError, match='extraction="structured" needs an mtlbook mixture model'):
         TaskAffinityComputer(["a"], extraction="structured").attach(_SharedOnly())

@@ -80,6 +80,17 @@ def check_unit_interval(value: Any, name: str, *, closed_right: bool = True) -> 
     return float(value)
 
 
+def check_chunk_size(value: Any, extraction: str) -> int | None:
+    """``value`` if it is ``None`` or, with ``extraction="structured"``, an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {value!r}")
+    if extraction != "structured":
+        raise ValueError(f'chunk_size applies to extraction="structured" only, got extraction={extraction!r}')
+    return value
+
+
 def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: torch.device) -> Tensor:
     """Bool ``[n_tasks]`` on ``device``; ``None`` means every task is present."""
     if present is None:
@@ -213,6 +224,10 @@ class TaskAffinityComputer(nn.Module):
             (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
             bias of the last ``nn.Linear`` of each shared expert, computed cheaply from the
             gradient with respect to that layer's output (see :meth:`extract_gradients`).
+        chunk_size: with ``extraction="structured"``, take the tasks this many at a time
+            through the shared experts (``None``, the default: all at once). Same ``G``; the
+            batched backward's working memory shrinks with the chunk and the time grows with
+            the number of chunks (chapter 5). ``None`` for every other extraction.
 
     Buffers (in ``state_dict``, moved by ``.to``, never optimised):
         ``affinity`` ``[n, n]`` float, starts as the **identity** (every task fully aligned
@@ -239,12 +254,14 @@ class TaskAffinityComputer(nn.Module):
         ema_decay: float = 0.9,
         extraction: str = "batched",
         parameter_set: str = "all",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
         self.ema_decay = check_unit_interval(ema_decay, "ema_decay", closed_right=False)
         self.extraction = check_choice(extraction, "extraction", EXTRACTIONS)
         self.parameter_set = check_choice(parameter_set, "parameter_set", PARAMETER_SETS)
+        self.chunk_size = check_chunk_size(chunk_size, self.extraction)
         n = len(self.task_names)
         self.register_buffer("affinity", torch.eye(n))
         self.register_buffer("pair_observed", torch.zeros(n, n, dtype=torch.bool))
@@ -262,9 +279,10 @@ class TaskAffinityComputer(nn.Module):
         return len(self.task_names)
 
     def extra_repr(self) -> str:
+        chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"
         return (
             f"tasks={list(self.task_names)}, ema_decay={self.ema_decay}, "
-            f"extraction={self.extraction!r}, parameter_set={self.parameter_set!r}"
+            f"extraction={self.extraction!r}, parameter_set={self.parameter_set!r}{chunk}"
         )
 
     # ----------------------------------------------------------------- attach
@@ -411,7 +429,7 @@ class TaskAffinityComputer(nn.Module):
             self._separable = losses_are_task_separable(roots, rows, outputs)
         if not self._separable:
             return None
-        result = structured_gradients(roots, rows, levels, by_level)
+        result = structured_gradients(roots, rows, levels, by_level, chunk_size=self.chunk_size)
         found = {id(p): g for level, grads in zip(by_level, result) for p, g in zip(level, grads)}
         return [found[id(p)] for p in params]
 

@@ -120,7 +120,7 @@ class AdaptiveTaskTransfer(nn.Module):
         inter_group_strength: cross-group prior strength (0.3).
         prior_blend_start, prior_blend_end: :math:`r_\\text{start}, r_\\text{end} \\in [0, 1]`
             (0.5 and 0.1).
-        extraction, parameter_set: passed to the :class:`TaskAffinityComputer`.
+        extraction, parameter_set, chunk_size: passed to the :class:`TaskAffinityComputer`.
         blocking: ``"exact"`` (default) gives blocked entries weight exactly 0.
             ``"zero_logit"`` reproduces the sources' flawed variant for the book's
             ablation: blocked logits (diagonal included) are set to 0 *before* a softmax
@@ -163,6 +163,7 @@ class AdaptiveTaskTransfer(nn.Module):
         extraction: str = "batched",
         parameter_set: str = "all",
         blocking: str = "exact",
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
@@ -202,7 +203,8 @@ class AdaptiveTaskTransfer(nn.Module):
 
         n = len(self.task_names)
         self.affinity_computer = TaskAffinityComputer(
-            self.task_names, ema_decay=ema_decay, extraction=extraction, parameter_set=parameter_set
+            self.task_names, ema_decay=ema_decay, extraction=extraction, parameter_set=parameter_set,
+            chunk_size=chunk_size,
         )
         # W: learnable logits added to the affinity; zero init = start from A (and P) alone.
         self.transfer_logits = nn.Parameter(torch.zeros(n, n))
