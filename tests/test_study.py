@@ -641,6 +641,8 @@ def test_with_compute_trains_the_same_models_up_to_rounding():
         with_compute(tiny, experts="stacked")
     with pytest.raises(ValueError, match="extraction must be one of"):
         with_compute(tiny, extraction="vmap")
+    with pytest.raises(ValueError, match="adatt_extraction must be one of"):
+        dataclasses.replace(tiny, adatt_extraction="vmap")
 
 
 def test_run_study_keeps_timing_runs_out_of_the_stored_tables(tmp_path, capsys):

@@ -247,6 +247,12 @@ class StudySize:
     per_dataset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     adatt_extraction: str = "batched"
 
+    def __post_init__(self) -> None:
+        from mtlbook.gradients import EXTRACTIONS
+
+        if self.adatt_extraction not in EXTRACTIONS:
+            raise ValueError(f"adatt_extraction must be one of {EXTRACTIONS}, got {self.adatt_extraction!r}")
+
     def for_dataset(self, dataset: str) -> "StudySize":
         """This size with ``per_dataset[dataset]`` applied (itself, values unchanged, otherwise)."""
         overrides = {k: v for k, v in self.per_dataset.get(dataset, {}).items() if k != "rows"}
