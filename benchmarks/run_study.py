@@ -79,6 +79,7 @@ from mtlbook.experiments.study import (  # noqa: E402
 from mtlbook.experiments.lr_search import (  # noqa: E402
     LR_GRID, SEARCH_SEEDS, chosen_config, run_lr_search, select_lr,
 )
+from mtlbook.experiments.study_runner import load_table  # noqa: E402
 from mtlbook.experiments.study_configs import with_compute  # noqa: E402
 from mtlbook.gradients import EXTRACTIONS  # noqa: E402
 from mtlbook.models import EXPERT_MODES  # noqa: E402
@@ -165,20 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = int((cells["status"] == "failed").sum())
     print(f"{len(cells)} cells in {out} ({failed} failed); this run took {elapsed:.1f} s "
           f"(training time summed over all cells in the file: {cells['wall_time'].sum():.1f} s)")  # fmt: skip
-    trained = len(cells) - len(before)
+    trained = len(cells) - before
     if trained:
         print(f"this run trained {trained} cells: {trained / elapsed * 3600:.0f} cells per hour")
     return 1 if failed else 0
 
 
-def _finished_cells(path: Path):
-    """The cells already in ``path`` (resumed, not trained by this run)."""
-    import pandas as pd
-
+def _finished_cells(path: Path) -> int:
+    """How many cells ``path`` already holds (resumed, not trained by this run)."""
     if not path.exists():
-        return pd.DataFrame(columns=["config", "dataset", "seed"])
-    table = pd.read_csv(path)
-    return table.loc[table["status"] == "ok"].drop_duplicates(["config", "dataset", "seed"])
+        return 0
+    table = load_table(path)
+    return len(table.loc[table["status"] == "ok"].drop_duplicates(["config", "dataset", "seed"]))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mtlbook.experiments.bench import write_rows  # noqa: E402
+from mtlbook.experiments.study_runner import load_table  # noqa: E402
 
 FORMS = {"defaults": [], "bank_structured": ["--experts", "bank", "--extraction", "structured"]}
 COLUMNS = ("form", "cells", "seconds", "cells_per_hour", "training_seconds", "speedup", "max_rel_diff", "threads",
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if process.returncode != 0:
                 print(process.stdout.read())
                 raise SystemExit(f"{form}: run_study.py exited with {process.returncode}")
-        frames = {form: pd.read_csv(path) for form, path in tables.items()}
+        frames = {form: load_table(path) for form, path in tables.items()}
     diff = max_relative_difference(frames["defaults"], frames["bank_structured"])
     rows = []
     for form, frame in frames.items():
