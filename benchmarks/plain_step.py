@@ -6,13 +6,17 @@ at 4, 8 and 16 tasks. One *plain step* is
 
     zero_grad -> forward -> per-task losses -> sum().backward() -> AdamW.step()
 
-for the same initial weights in two forms: ``experts="modules"`` (every expert, gate and tower
-its own module call; the package default) and ``experts="bank"`` (modules of one shape as
-one batched matmul, :mod:`mtlbook.models.banks`, with the task experts, task gates and
-towers stored as stacked Parameters, :mod:`mtlbook.models.bank_storage`). Both use AdamW
-with ``foreach=True``, as the trainer does. Per round, in shuffled order, the script times a
-block of steps of each form, a block of AdamW steps alone for each form (``optimizer_ms``,
-``bank_optimizer_ms``: the same numbers in ~400 tensors or in ~40), a block of the weight
+for the same initial weights in two forms, each as the trainer runs it: ``experts="modules"``
+(every expert, gate and tower its own module call; the package default; per-task losses,
+:func:`~mtlbook.losses.task_losses`, and AdamW with ``foreach=True``) and ``experts="bank"``
+(modules of one shape as one batched matmul, :mod:`mtlbook.models.banks`, with the task
+experts, task gates and towers stored as stacked Parameters,
+:mod:`mtlbook.models.bank_storage`; the losses a group of tasks at a time,
+:mod:`mtlbook.losses_grouped`, and AdamW ``fused=True``). ``bank_per_task_ms`` is the bank
+model with the module form's losses and optimizer, so the table separates what the banks
+give from what the loss and optimizer paths give. Per round, in shuffled order, the script
+times a block of steps of each, a block of AdamW steps alone for each form (``optimizer_ms``,
+``bank_optimizer_ms``: the same numbers in ~400 tensors, foreach, or in ~40, fused), a block of the weight
 stacks the bank form still does each step, forward and backward (``stack_ms``: the shared
 experts, which keep one Parameter set each), and a block of 256x512 @ 512x512 float32
 matmuls (the machine's attainable GFLOP/s on ``--threads`` threads, measured in the same
@@ -35,6 +39,7 @@ Nothing asserts on these timings.
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import sys
@@ -52,31 +57,39 @@ if str(ROOT) not in sys.path:
 
 from mtlbook.experiments.bench import make_problem, write_rows  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
+from mtlbook.losses_grouped import grouped_task_losses  # noqa: E402
 from mtlbook.models import PLE, to_bank  # noqa: E402
 from mtlbook.models.bank_storage import bank_rows  # noqa: E402
 from mtlbook.models.banks import group_by, stack_weights  # noqa: E402
+from mtlbook.train.optim import adamw_implementation  # noqa: E402
 
 COLUMNS = (
     "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "bank_step_mflop", "matmul_gflops", "floor_ms",
-    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "stack_ms", "rounds", "block_steps",
+    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms", "stack_ms", "rounds", "block_steps",
     "threads", "batch_size",
 )  # fmt: skip
 
 
 class Stepper:
-    """Plain AdamW steps of one model over the problem's batches."""
+    """Plain AdamW steps of one model over the problem's batches.
 
-    def __init__(self, model: PLE, batches, task_specs, lr: float = 5e-4) -> None:
+    ``fast_path=False``: per-task losses and foreach AdamW (the trainer's module form);
+    ``True``: losses a group of tasks at a time and fused AdamW (the trainer's bank form).
+    """
+
+    def __init__(self, model: PLE, batches, task_specs, lr: float = 5e-4, fast_path: bool = False) -> None:
         self.model, self.batches, self.task_specs = model, batches, task_specs
-        # foreach=True as the trainer (torch's CPU default is a Python loop over the tensors)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+        self.losses = grouped_task_losses if fast_path else task_losses
+        groups = [{"params": list(model.parameters())}]
+        # the trainer's choice (foreach: torch's CPU default would be a Python loop over the tensors)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, **adamw_implementation(groups, fast_path))
         self.i = 0
 
     def forward_backward(self) -> None:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         self.optimizer.zero_grad(set_to_none=True)
-        task_losses(self.model(batch.inputs), batch, self.task_specs).sum().backward()
+        self.losses(self.model(batch.inputs), batch, self.task_specs).sum().backward()
 
     def step(self) -> None:
         self.forward_backward()
@@ -134,7 +147,9 @@ def time_block(action: Callable[[], None], n: int) -> float:
 def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -> dict[str, object]:
     problem = make_problem(n_tasks, batch_size=args.batch_size)
     module = Stepper(problem.model, problem.batches, problem.task_specs)
-    bank = Stepper(to_bank(problem.model), problem.batches, problem.task_specs)
+    bank_model = to_bank(problem.model)
+    bank = Stepper(bank_model, problem.batches, problem.task_specs, fast_path=True)
+    bank_per_task = Stepper(copy.deepcopy(bank_model), problem.batches, problem.task_specs)
     flops = step_flops(module)
     bank_flops = step_flops(bank)
     a, b = torch.randn(256, 512), torch.randn(512, 512)
@@ -143,6 +158,7 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     actions: dict[str, Callable[[], None]] = {
         "module": module.step,
         "bank": bank.step,
+        "bank_per_task": bank_per_task.step,
         "optimizer": module.optimizer.step,  # grads from the module steps
         "bank_optimizer": bank.optimizer.step,
         "stack": stacks,
@@ -174,6 +190,7 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "bank_over_floor": round(bank_ms / floor_ms, 2),
         "optimizer_ms": round(med["optimizer"] * 1e3, 3),
         "bank_optimizer_ms": round(med["bank_optimizer"] * 1e3, 3),
+        "bank_per_task_ms": round(med["bank_per_task"] * 1e3, 3),
         "stack_ms": round(med["stack"] * 1e3, 3),
         "rounds": args.rounds,
         "block_steps": args.block,
@@ -203,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"{n_tasks:>3} tasks: modules {row['module_ms']:8.2f} ms ({row['module_over_floor']:5.1f}x floor) | "
-            f"bank {row['bank_ms']:8.2f} ms ({row['bank_over_floor']:5.1f}x floor) | speedup {row['speedup']:.2f} | "
+            f"bank {row['bank_ms']:8.2f} ms ({row['bank_over_floor']:5.1f}x floor; {row['bank_per_task_ms']:.2f} with "
+            f"per-task losses and foreach AdamW) | speedup {row['speedup']:.2f} | "
             f"floor {row['floor_ms']:.2f} ms ({row['step_mflop']:.0f} MFLOP at {row['matmul_gflops']:.0f} GFLOP/s) | "
             f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | stacks alone {row['stack_ms']:.2f} ms",
             flush=True,

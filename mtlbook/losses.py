@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ __all__ = [
     "info_nce_loss",
     "mse_loss",
     "present_tasks",
+    "resolve_task_losses",
     "task_losses",
 ]
 
@@ -473,6 +474,37 @@ def task_losses(
     Returns:
         float32 ``[n_tasks]``; a task with no present row contributes a graph-connected 0.
     """
+    losses = []
+    for task in resolve_task_losses(outputs, batch, task_specs, loss_names, loss_kwargs, fixed_weights):
+        loss = LOSSES[task.loss_name](task.output, task.target, task.present, **task.kwargs)
+        losses.append(loss.float() * task.weight)
+    return torch.stack(losses)
+
+
+class ResolvedTaskLoss(NamedTuple):
+    """One task's loss, checked and looked up: what :func:`task_losses` computes for it."""
+
+    name: str
+    loss_name: str
+    kwargs: Mapping[str, Any]
+    weight: float
+    output: Tensor
+    target: Tensor
+    present: Tensor | None
+
+
+def resolve_task_losses(
+    outputs: Mapping[str, Tensor],
+    batch: Batch,
+    task_specs: Sequence[TaskSpec],
+    loss_names: Mapping[str, str] | None = None,
+    loss_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    fixed_weights: Mapping[str, float] | None = None,
+) -> list[ResolvedTaskLoss]:
+    """The arguments of :func:`task_losses`, checked, as one entry per task in ``task_specs`` order.
+
+    Every configuration error is raised here, naming the parameter, before any loss is computed.
+    """
     specs = check_task_specs(task_specs)
     names = [s.name for s in specs]
     if not isinstance(batch, Batch):
@@ -483,7 +515,7 @@ def task_losses(
     options = _check_task_keys(loss_kwargs, names, "loss_kwargs")
     weights = _check_task_keys(fixed_weights, names, "fixed_weights")
 
-    losses = []
+    resolved = []
     for spec in specs:
         if spec.name not in outputs:
             raise ValueError(f"outputs has no entry for task {spec.name!r}; it has {sorted(outputs)}")
@@ -504,9 +536,9 @@ def task_losses(
         if not isinstance(kwargs, Mapping):
             raise TypeError(f"loss_kwargs[{spec.name!r}] must be a dict, got {type(kwargs).__name__}")
         weight = _check_float(weights.get(spec.name, 1.0), f"fixed_weights[{spec.name!r}]", 0.0)
-        loss = LOSSES[loss_name](outputs[spec.name], batch.targets[spec.name], batch.present.get(spec.name), **kwargs)
-        losses.append(loss.float() * weight)
-    return torch.stack(losses)
+        resolved.append(ResolvedTaskLoss(spec.name, loss_name, kwargs, weight, outputs[spec.name],
+                                         batch.targets[spec.name], batch.present.get(spec.name)))  # fmt: skip
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------

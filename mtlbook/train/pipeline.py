@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from mtlbook.data.batch import Batch, TaskSpec
 from mtlbook.losses import present_tasks, task_losses
+from mtlbook.losses_grouped import grouped_task_losses
 
 __all__ = ["LossPipeline", "LossTerms"]
 
@@ -68,6 +69,9 @@ class LossPipeline:
         adatt: an :class:`~mtlbook.adatt.AdaptiveTaskTransfer` or ``None`` (stage 4).
         gate_entropy: a function returning :math:`H_{gate}` of the last forward pass.
         gate_weight: :math:`\lambda_H`.
+        grouped: compute stage 1 with :func:`~mtlbook.losses_grouped.grouped_task_losses` (tasks
+            of one loss and shape together; the same values to float rounding) instead of
+            :func:`~mtlbook.losses.task_losses`. The trainer sets it for ``experts="bank"`` models.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class LossPipeline:
         adatt: nn.Module | None,
         gate_entropy: Callable[[], Tensor],
         gate_weight: float,
+        grouped: bool = False,
     ) -> None:
         self.task_specs = tuple(task_specs)
         self.task_names = tuple(s.name for s in self.task_specs)
@@ -90,10 +95,12 @@ class LossPipeline:
         self.adatt = adatt
         self.gate_entropy = gate_entropy
         self.gate_weight = float(gate_weight)
+        self.grouped = bool(grouped)
 
     def task_losses(self, outputs: Mapping[str, Tensor], batch: Batch) -> Tensor:
         """Stage 1: :math:`L_i` on the present rows of each task."""
-        return task_losses(outputs, batch, self.task_specs, self.loss_names, self.loss_kwargs, None)
+        compute = grouped_task_losses if self.grouped else task_losses
+        return compute(outputs, batch, self.task_specs, self.loss_names, self.loss_kwargs, None)
 
     def present(self, batch: Batch) -> Tensor:
         """Bool ``[n_tasks]``: which tasks have a target in ``batch``."""

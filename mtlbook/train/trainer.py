@@ -110,8 +110,13 @@ class Trainer:
         self.balancer = build_balancer(config.balancing, len(self.task_names), **config.balancing_kwargs).to(self.device)
         fixed = torch.tensor([float(config.task_weights.get(t, 1.0)) for t in self.task_names], device=self.device)
         losses = {s.name: config.losses[s.name] for s in self.task_specs if s.name in config.losses}
+        # a model built with experts="bank" trains on the fast path all the way: its losses a
+        # group of tasks at a time and AdamW's fused kernel (same arithmetic, other rounding);
+        # the module form keeps the per-task losses and foreach AdamW every stored run used
+        self.fast_path = getattr(model, "experts_mode", "modules") == "bank"
         self.pipeline = LossPipeline(self.task_specs, losses, config.loss_kwargs, fixed, self.balancer, self.adatt,
-                                     self.model.gate_entropy, config.gate_entropy_weight)  # fmt: skip
+                                     self.model.gate_entropy, config.gate_entropy_weight,
+                                     grouped=self.fast_path)  # fmt: skip
         model_weight = float(getattr(model, "gate_entropy_weight", 0.0) or 0.0)
         if model_weight != 0.0 and self.is_main_process:
             warnings.warn(f"the model's own gate_entropy_weight={model_weight} is not used by Trainer; the trainer adds "
