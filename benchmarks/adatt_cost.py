@@ -363,7 +363,8 @@ def affinity_agreement(problem: Problem, n_steps: int = 20, ema_decay: float = 0
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     runner = StepRunner(problem, Config())
-    computers = {p: TaskAffinityComputer(runner.model.task_names, ema_decay=ema_decay, parameter_set=p).attach(runner.model)
+    computers = {p: TaskAffinityComputer(runner.model.task_names, ema_decay=ema_decay, extraction="batched",
+                                         parameter_set=p).attach(runner.model)
                  for p in PARAMETER_SETS}  # fmt: skip
     device = next(runner.model.parameters()).device
     for computer in computers.values():

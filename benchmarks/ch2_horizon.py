@@ -80,7 +80,7 @@ NEW_TASK_SETTINGS = {
     "new task alone": {"fixed_weights": {"rul": 0.0}},
     "new task x100": {"fixed_weights": {"health": 100.0}},
 }
-MODEL = {"expert_hidden": (64,), "expert_dim": 32, "tower_hidden": (32,)}  # train_with_diagnostics' default
+MODEL = {"expert_hidden": (64,), "expert_dim": 32, "tower_hidden": (32,), "experts": "modules"}  # train_with_diagnostics' default
 
 
 def run_new_task(epochs: int, seeds: list[int], log=print) -> pd.DataFrame:

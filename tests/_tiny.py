@@ -27,16 +27,18 @@ def make_dataset(n: int = 96, seed: int = 0, missing: bool = True) -> MultiTaskD
     return MultiTaskDataset(x, targets, SPECS, present)
 
 
-def train_adatt(extraction: str):
+def train_adatt(extraction: str | None):
     """Two epochs of a PLE with adaTT measuring at every step (uncertainty weighting); the
-    trained :class:`~mtlbook.adatt.AdaptiveTaskTransfer`. The extraction tests compare modes."""
+    trained :class:`~mtlbook.adatt.AdaptiveTaskTransfer` (``extraction=None``: the library's
+    default). The extraction tests compare modes."""
     from mtlbook.adatt import AdaptiveTaskTransfer
     from mtlbook.models import build_model
     from mtlbook.train import Trainer, TrainerConfig
 
     torch.manual_seed(0)
     model = build_model("ple", 5, SPECS)
-    adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3, grad_interval=1, extraction=extraction)
+    chosen = {} if extraction is None else {"extraction": extraction}
+    adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3, grad_interval=1, **chosen)
     config = TrainerConfig(phase1_epochs=2, phase2_epochs=0, batch_size=16, lr=5e-3, warmup_epochs=1,
                            progress=False, patience=None, balancing="uncertainty")  # fmt: skip
     Trainer(model, config, adatt=adatt).fit(make_dataset(96))

@@ -63,7 +63,7 @@ IDS = [c[0] for c in CASES]
 def pair(cls, kwargs, seed: int = 0):
     """The same weights in both forms: a module-form model and its bank copy."""
     torch.manual_seed(seed)
-    modules = cls(5, SPECS, **kwargs)
+    modules = cls(5, SPECS, experts="modules", **kwargs)
     bank = to_bank(modules)
     return modules.eval(), bank.eval()
 
@@ -244,7 +244,7 @@ def test_bank_storage_follows_dtype_moves_and_copies():
 
 def test_module_checkpoint_loads_into_a_bank_model_and_back():
     torch.manual_seed(3)
-    modules = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6).eval()
+    modules = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="modules").eval()
     torch.manual_seed(4)
     bank = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="bank").eval()
     x = batch().inputs
@@ -257,7 +257,7 @@ def test_module_checkpoint_loads_into_a_bank_model_and_back():
     assert list(back.state_dict()) == list(modules.state_dict())
     # and a bank checkpoint loads into a module-form model
     torch.manual_seed(5)
-    fresh = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6).eval()
+    fresh = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="modules").eval()
     fresh.load_state_dict(bank.state_dict())
     assert torch.equal(fresh(x)["kind"], modules(x)["kind"])
 
@@ -268,12 +268,12 @@ def test_a_bank_checkpoint_with_the_wrong_bank_size_fails_clearly():
     key = next(k for k in state if k.startswith("banks.") and k.endswith("towers_s0_layer0.weight"))
     state[key] = state[key][:1]
     with pytest.raises(RuntimeError, match=r"expected \[2, d_in, d_out\]"):
-        PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6).load_state_dict(state)
+        PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="modules").load_state_dict(state)
 
 
 def test_a_checkpoint_of_another_architecture_fails_with_a_clear_message():
     bank = PLE(5, SPECS, n_levels=2, expert_hidden=(8,), expert_dim=6, experts="bank")
-    other = PLE(5, SPECS, n_levels=1, expert_hidden=(8,), expert_dim=6)
+    other = PLE(5, SPECS, n_levels=1, expert_hidden=(8,), expert_dim=6, experts="modules")
     with pytest.raises(RuntimeError, match="Missing key"):
         bank.load_state_dict(other.state_dict())
 
@@ -346,14 +346,14 @@ def test_bad_experts_value_is_a_clear_error(kind):
         build_model(kind, 5, SPECS, experts="banks")
     with pytest.raises(TypeError, match="experts must be one of"):
         build_model(kind, 5, SPECS, experts=True)
-    assert build_model(kind, 5, SPECS).experts_mode == "modules"  # default unchanged
+    assert build_model(kind, 5, SPECS).experts_mode == "bank"  # the default: the fast path
     assert EXPERT_MODES == ("modules", "bank")
 
 
 def test_to_bank_rejects_other_modules_and_leaves_the_model_alone():
     with pytest.raises(TypeError, match="experts= mode"):
         to_bank(nn.Linear(2, 2))
-    model = MMoE(5, SPECS)
+    model = MMoE(5, SPECS, experts="modules")
     banked = to_bank(model)
     assert model.experts_mode == "modules" and banked.experts_mode == "bank"
     assert banked is not model and copy.deepcopy(banked).experts_mode == "bank"

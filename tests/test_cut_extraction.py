@@ -34,7 +34,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def make(kind: str, seed: int = 0, bank: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model(kind, 5, SPECS)
+    model = build_model(kind, 5, SPECS, experts="modules")
     return to_bank(model) if bank else model
 
 
@@ -127,12 +127,12 @@ def test_cut_never_runs_another_tasks_tower():
 
 
 def test_unknown_extraction_names_the_choices():
-    with pytest.raises(ValueError, match=r"extraction must be one of \('batched', 'loop', 'cut', 'structured'\)"):
+    with pytest.raises(ValueError, match=r"extraction must be one of \('auto', 'batched', 'loop', 'cut', 'structured'\)"):
         TaskAffinityComputer(NAMES, extraction="vmap")
-    with pytest.raises(ValueError, match="extraction must be one of"):
+    with pytest.raises(ValueError, match=r"extraction must be one of \('batched', 'loop', 'cut', 'structured'\)"):
         stacked_gradients([torch.zeros((), requires_grad=True)], [0], [torch.zeros(1, requires_grad=True)], "fast")
-    # the stored runs were made with the batched call: it stays the default
-    assert EXTRACTIONS[0] == "batched" and TaskAffinityComputer(NAMES).extraction == "batched"
+    # the default is "auto" (the cheapest exact mode the attached model allows; the study pins "batched")
+    assert EXTRACTIONS[0] == "batched" and TaskAffinityComputer(NAMES).extraction == "auto"
 
 
 def test_adatt_trains_with_the_cut_and_measures_what_the_batched_call_measures():
@@ -161,7 +161,10 @@ def test_the_trainer_optimizer_is_foreach_and_matches_the_loop():
             opt.step()
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
-    trainer = Trainer(build_model("ple", 5, SPECS), TrainerConfig(phase1_epochs=1, phase2_epochs=0, batch_size=32,
-                                                                  progress=False, patience=None))  # fmt: skip
+    config = TrainerConfig(phase1_epochs=1, phase2_epochs=0, batch_size=32, progress=False, patience=None)
+    trainer = Trainer(build_model("ple", 5, SPECS, experts="modules"), config)
     trainer.fit(make_dataset(64))
-    assert all(group["foreach"] for group in trainer.optimizer.param_groups)
+    assert all(group["foreach"] for group in trainer.optimizer.param_groups)  # the module form's path
+    trainer = Trainer(build_model("ple", 5, SPECS), config)  # the bank form (default): fused
+    trainer.fit(make_dataset(64))
+    assert all(group["fused"] and not group["foreach"] for group in trainer.optimizer.param_groups)

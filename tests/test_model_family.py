@@ -242,7 +242,8 @@ def test_task_gradients_rows_are_per_task_gradients_and_leave_grad_alone():
 
 def test_task_gradients_are_zero_on_parameters_a_task_cannot_reach():
     torch.manual_seed(3)
-    model = build_model("cgc", 5, REG2, n_shared_experts=1, n_task_experts=1, **SMALL)
+    # module form: task b's expert owns its Parameters (in the bank form they are rows of one bank)
+    model = build_model("cgc", 5, REG2, n_shared_experts=1, n_task_experts=1, experts="modules", **SMALL)
     batch = tiny_dataset(10).full_batch()
     out = model(batch.inputs)
     loss_a = ((out["a"] - batch.targets["a"]) ** 2).mean()

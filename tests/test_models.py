@@ -213,7 +213,7 @@ def test_shared_parameters_are_exactly_the_shared_experts(kind):
 
 
 def test_shared_parameters_exclude_task_experts():
-    model = make("ple", n_levels=2, n_shared_experts=1, n_task_experts=2)
+    model = make("ple", n_levels=2, n_shared_experts=1, n_task_experts=2, experts="modules")  # own Parameters
     task_expert_ids = ids(p for level in model.levels for experts in level.task_experts for p in experts.parameters())
     assert task_expert_ids and not task_expert_ids & ids(model.shared_parameters())
     assert task_expert_ids <= ids(model.task_parameters())
@@ -276,7 +276,7 @@ def test_cgc_task_experts_are_private():
 
 
 def test_ple_lower_task_experts_reach_other_tasks_only_through_the_shared_gate():
-    model = make("ple", n_levels=2, n_shared_experts=1, n_task_experts=1)
+    model = make("ple", n_levels=2, n_shared_experts=1, n_task_experts=1, experts="modules")  # own Parameters
     task_loss(model(inputs()), "ctr").backward()
     top, bottom = model.levels[1], model.levels[0]
     assert all(p.grad is None for p in top.task_experts[1].parameters())  # last level: private

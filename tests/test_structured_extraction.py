@@ -32,7 +32,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def make(kind: str, seed: int = 0, bank: bool = False, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model(kind, 5, SPECS, **kwargs)
+    model = build_model(kind, 5, SPECS, experts="modules", **kwargs)
     return to_bank(model) if bank else model
 
 
@@ -169,8 +169,9 @@ def test_the_computer_and_adatt_take_a_chunk_size(monkeypatch):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1"):
             TaskAffinityComputer(NAMES, extraction="structured", chunk_size=bad)
-    with pytest.raises(ValueError, match='chunk_size applies to extraction="structured" only'):
+    with pytest.raises(ValueError, match=r'chunk_size applies to extraction="structured" \(or "auto"\) only'):
         AdaptiveTaskTransfer(NAMES, extraction="batched", chunk_size=2)
+    assert TaskAffinityComputer(NAMES, chunk_size=2).chunk_size == 2  # "auto" may pick structured
 
 
 def test_bad_attachment_is_a_clear_error():
@@ -198,3 +199,48 @@ def test_adatt_trains_with_the_structured_extraction():
     a, b = structured.affinity_computer.affinity, loop.affinity_computer.affinity
     assert not torch.equal(b, torch.eye(len(NAMES)))
     assert float((a - b).abs().max()) < 1e-4
+
+
+# ------------------------------------------------------------------------------ the default: "auto"
+@pytest.mark.parametrize("kind, kwargs, parameter_set, reverse, mode", [
+    ("ple", {}, "all", False, "structured"),
+    ("mmoe", {}, "weights", False, "structured"),
+    ("cgc", {}, "all", True, "cut"),  # another task order than the model's: the structured pass cannot map tasks
+    ("ple", {}, "last_layer", False, "cut"),
+    # Shared-Bottom has the mixture API but records no mixture: the structured mode takes the cut itself
+    ("shared_bottom", {}, "all", False, "structured"),
+])  # fmt: skip
+def test_auto_picks_the_cheapest_exact_mode_and_gives_the_same_gradients(kind, kwargs, parameter_set, reverse, mode):
+    names = list(reversed(NAMES)) if reverse else NAMES
+    computer = TaskAffinityComputer(names, parameter_set=parameter_set)
+    assert computer.extraction == "auto" and computer.mode == "batched"  # before attach: nothing captured
+    for bank in (False, True):
+        model = make(kind, bank=bank, **kwargs)
+        computer.attach(model)
+        assert computer.mode == mode and f"(mode {mode!r})" in repr(computer)
+        reference = TaskAffinityComputer(names, extraction="loop", parameter_set=parameter_set).attach(model)
+        batch = make_dataset(40, seed=2).collate(range(40))
+        losses = task_losses(model(batch.inputs), batch, SPECS)
+        if reverse:
+            losses = losses.flip(0)
+        assert_same(computer.extract_gradients(losses), reference.extract_gradients(losses))
+
+
+def test_auto_takes_the_cut_for_a_model_without_the_mixture_api():
+    from mtlbook.adatt.affinity import auto_extraction
+
+    assert auto_extraction(_SharedOnly(), "all", ["a"]) == "cut"
+    assert auto_extraction(make("ple"), "all", NAMES) == "structured"
+
+
+def test_adatt_and_the_trainer_default_to_auto():
+    from mtlbook.adatt import COMPUTER_EXTRACTIONS, AdaptiveTaskTransfer
+
+    assert COMPUTER_EXTRACTIONS[0] == "auto"
+    assert AdaptiveTaskTransfer(NAMES).affinity_computer.extraction == "auto"
+    with pytest.raises(ValueError, match=r"extraction must be one of \('auto', 'batched'"):
+        AdaptiveTaskTransfer(NAMES, extraction="fastest")
+    trained = train_adatt(None)  # the library default
+    assert trained.affinity_computer.mode == "structured"
+    loop = train_adatt("loop")
+    assert float((trained.affinity_computer.affinity - loop.affinity_computer.affinity).abs().max()) < 1e-4

@@ -18,10 +18,10 @@ from mtlbook.train.schedules import phase1_lr, phase2_lr
 from _tiny import NAMES, SPECS, make_dataset  # the shared tiny problem
 
 
-def make_model(seed: int = 0, expert_dim: int = 6) -> PLE:
+def make_model(seed: int = 0, expert_dim: int = 6, experts: str = "bank") -> PLE:
     torch.manual_seed(seed)
     return PLE(5, SPECS, n_levels=2, n_shared_experts=2, n_task_experts=1, expert_hidden=(8,),
-               expert_dim=expert_dim, tower_hidden=(6,))  # fmt: skip
+               expert_dim=expert_dim, tower_hidden=(6,), experts=experts)  # fmt: skip
 
 
 def make_adatt(warmup: int = 1, freeze: int = 2, interval: int = 2) -> AdaptiveTaskTransfer:
@@ -159,7 +159,7 @@ def test_adatt_measures_the_balanced_losses_of_the_training_forward(monkeypatch)
 
 # ------------------------------------------------------------------------------ optimizer
 def test_optimizer_has_one_group_per_shared_expert_with_overrides():
-    model = make_model()
+    model = make_model(experts="modules")  # one tower's own Parameter (a bank holds every tower's)
     frozen = model.towers[0].head.weight
     frozen.requires_grad_(False)  # frozen parameters must stay out of the optimizer
     cfg = make_config(phase1_epochs=1, phase2_epochs=0, expert_lr={1: 1e-3, 3: 2e-4}, expert_weight_decay={0: 0.0})
@@ -255,7 +255,7 @@ def test_a_non_finite_gradient_skips_the_step():
         calls["n"] += 1
         return grad * float("nan") if calls["n"] == 2 else grad
 
-    model.towers[1].head.weight.register_hook(poison)
+    model.shared_experts[1].output_layer.weight.register_hook(poison)  # a Parameter in either form
     trainer = Trainer(model, make_config(phase1_epochs=1, phase2_epochs=0))
     with pytest.warns(TrainingWarning):
         history = trainer.fit(data)

@@ -13,7 +13,13 @@ notes, in three stages:
   capped, weighted share of its peers' losses, on a warmup / dynamic / frozen schedule.
 """
 
-from mtlbook.adatt.affinity import EXTRACTIONS, PARAMETER_SETS, TaskAffinityComputer, cosine_matrix
+from mtlbook.adatt.affinity import (
+    COMPUTER_EXTRACTIONS,
+    EXTRACTIONS,
+    PARAMETER_SETS,
+    TaskAffinityComputer,
+    cosine_matrix,
+)
 from mtlbook.adatt.prior import build_group_prior
 from mtlbook.adatt.transfer import BLOCKINGS, PHASES, AdaptiveTaskTransfer
 
@@ -23,6 +29,7 @@ __all__ = [
     "build_group_prior",
     "cosine_matrix",
     "BLOCKINGS",
+    "COMPUTER_EXTRACTIONS",
     "EXTRACTIONS",
     "PARAMETER_SETS",
     "PHASES",

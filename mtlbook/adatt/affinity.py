@@ -44,8 +44,11 @@ from mtlbook.gradients import (
 )
 
 PARAMETER_SETS = ("all", "weights", "last_layer")
+#: What ``extraction=`` accepts: ``"auto"`` (the default: the cheapest exact mode the attached
+#: model allows) or one of :data:`~mtlbook.gradients.EXTRACTIONS`.
+COMPUTER_EXTRACTIONS = ("auto",) + EXTRACTIONS
 
-__all__ = ["TaskAffinityComputer", "cosine_matrix", "EXTRACTIONS", "PARAMETER_SETS"]
+__all__ = ["TaskAffinityComputer", "cosine_matrix", "COMPUTER_EXTRACTIONS", "EXTRACTIONS", "PARAMETER_SETS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -81,14 +84,26 @@ def check_unit_interval(value: Any, name: str, *, closed_right: bool = True) -> 
 
 
 def check_chunk_size(value: Any, extraction: str) -> int | None:
-    """``value`` if it is ``None`` or, with ``extraction="structured"``, an int >= 1."""
+    """``value`` if it is ``None`` or, with ``extraction="structured"`` or ``"auto"``, an int >= 1."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"chunk_size must be None or an int >= 1, got {value!r}")
-    if extraction != "structured":
-        raise ValueError(f'chunk_size applies to extraction="structured" only, got extraction={extraction!r}')
+    if extraction not in ("structured", "auto"):
+        raise ValueError(f'chunk_size applies to extraction="structured" (or "auto") only, '
+                         f"got extraction={extraction!r}")
     return value
+
+
+def auto_extraction(model: nn.Module, parameter_set: str, task_names: Sequence[str]) -> str:
+    """The mode ``extraction="auto"`` picks for ``model``: ``"structured"`` for an mtlbook model
+    (it has ``mixture_levels``) measured on its shared parameters in its own task order, else
+    ``"cut"``. Both are exact; chapter 5 measures what each costs. Where a forward records no
+    mixture (Shared-Bottom, block attention, three PLE levels) the structured mode takes the
+    cut itself."""
+    mixture = hasattr(model, "mixture_levels") and hasattr(model, "shared_parameters_by_level")
+    same_order = tuple(getattr(model, "task_names", ())) == tuple(task_names)
+    return "structured" if mixture and same_order and parameter_set != "last_layer" else "cut"
 
 
 def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: torch.device) -> Tensor:
@@ -208,9 +223,12 @@ class TaskAffinityComputer(nn.Module):
     Args:
         task_names: task order (rows/columns of the affinity matrix).
         ema_decay: :math:`\\beta \\in [0, 1)` of :math:`A_t = \\beta A_{t-1} + (1-\\beta) C_t`.
-        extraction: ``"batched"`` (default: one ``autograd.grad`` call with
+        extraction: ``"auto"`` (default: ``"structured"`` for a mixture model after
+            :meth:`attach`, ``"cut"`` for other models, see :func:`auto_extraction`;
+            :attr:`mode` says which), ``"batched"`` (one ``autograd.grad`` call with
             ``is_grads_batched=True``, ``grad_outputs = I``: row ``i`` of the identity selects
-            :math:`L_i`), ``"loop"`` (one ``autograd.grad`` call per task through the whole
+            :math:`L_i`; the default before the structured mode existed, and the mode every
+            stored run of the book's study used), ``"loop"`` (one ``autograd.grad`` call per task through the whole
             graph) or ``"cut"`` (per task, the cotangents of the model's outputs, then one
             backward from those outputs only; see :func:`mtlbook.gradients.cut_gradients`; it
             needs :meth:`attach`, without which it is the loop) or ``"structured"`` (one
@@ -224,10 +242,11 @@ class TaskAffinityComputer(nn.Module):
             (matrices: biases and norm scales dropped); ``"last_layer"`` only the weight and
             bias of the last ``nn.Linear`` of each shared expert, computed cheaply from the
             gradient with respect to that layer's output (see :meth:`extract_gradients`).
-        chunk_size: with ``extraction="structured"``, take the tasks this many at a time
-            through the shared experts (``None``, the default: all at once). Same ``G``; the
-            batched backward's working memory shrinks with the chunk and the time grows with
-            the number of chunks (chapter 5). ``None`` for every other extraction.
+        chunk_size: when the mode is ``"structured"`` (asked for, or picked by ``"auto"``),
+            take the tasks this many at a time through the shared experts (``None``, the
+            default: all at once). Same ``G``; the batched backward's working memory shrinks
+            with the chunk and the time grows with the number of chunks (chapter 5). ``None`` for every other extraction (with
+            ``"auto"`` it is ignored when the mode is the cut).
 
     Buffers (in ``state_dict``, moved by ``.to``, never optimised):
         ``affinity`` ``[n, n]`` float, starts as the **identity** (every task fully aligned
@@ -252,14 +271,17 @@ class TaskAffinityComputer(nn.Module):
         self,
         task_names: Sequence[str],
         ema_decay: float = 0.9,
-        extraction: str = "batched",
+        extraction: str = "auto",
         parameter_set: str = "all",
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.task_names = check_task_names(task_names)
         self.ema_decay = check_unit_interval(ema_decay, "ema_decay", closed_right=False)
-        self.extraction = check_choice(extraction, "extraction", EXTRACTIONS)
+        self.extraction = check_choice(extraction, "extraction", COMPUTER_EXTRACTIONS)
+        # the mode in use: "auto" is settled by attach() (before it, no outputs are captured,
+        # and the batched call is what the cut and structured modes would fall back to)
+        self._mode = "batched" if extraction == "auto" else extraction
         self.parameter_set = check_choice(parameter_set, "parameter_set", PARAMETER_SETS)
         self.chunk_size = check_chunk_size(chunk_size, self.extraction)
         n = len(self.task_names)
@@ -280,10 +302,16 @@ class TaskAffinityComputer(nn.Module):
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"
+        mode = f" (mode {self._mode!r})" if self.extraction == "auto" else ""
         return (
             f"tasks={list(self.task_names)}, ema_decay={self.ema_decay}, "
-            f"extraction={self.extraction!r}, parameter_set={self.parameter_set!r}{chunk}"
+            f"extraction={self.extraction!r}{mode}, parameter_set={self.parameter_set!r}{chunk}"
         )
+
+    @property
+    def mode(self) -> str:
+        """The extraction in use: :attr:`extraction`, or what ``"auto"`` picked at :meth:`attach`."""
+        return self._mode
 
     # ----------------------------------------------------------------- attach
     def attach(self, model: nn.Module) -> "TaskAffinityComputer":
@@ -317,14 +345,16 @@ class TaskAffinityComputer(nn.Module):
             self._shared_parameters = list(model.shared_parameters())
             if not self._shared_parameters:
                 raise ValueError("model.shared_parameters() is empty: nothing to measure affinity on")
-        if self.extraction == "structured":
+        if self.extraction == "auto":
+            self._mode = auto_extraction(model, self.parameter_set, self.task_names)
+        if self._mode == "structured":
             if not (hasattr(model, "mixture_levels") and hasattr(model, "shared_parameters_by_level")):
                 raise TypeError('extraction="structured" needs an mtlbook mixture model (MMoE, CGC, PLE); '
                                 'use "cut" for other models')  # fmt: skip
             if tuple(getattr(model, "task_names", ())) != self.task_names:
                 raise ValueError(f'extraction="structured" needs the model\'s task order, '
                                  f'{tuple(getattr(model, "task_names", ()))}; got task_names={self.task_names}')  # fmt: skip
-        if self.extraction in ("cut", "structured"):
+        if self._mode in ("cut", "structured"):
             self._outputs = _OutputCapture(model)
         self._separable = None
         self._model_ref = weakref.ref(model)
@@ -410,7 +440,7 @@ class TaskAffinityComputer(nn.Module):
     def _batched_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor]) -> list[Tensor | None]:
         """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or None if unused."""
         outputs = self._outputs.outputs if self._outputs is not None else None
-        return stacked_gradients(roots, rows, inputs, self.extraction, outputs)
+        return stacked_gradients(roots, rows, inputs, self._mode, outputs)
 
     def _structured_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int],
                                params: Sequence[Tensor]) -> list[Tensor | None] | None:  # fmt: skip
@@ -445,7 +475,7 @@ class TaskAffinityComputer(nn.Module):
         for size in sizes:
             offsets.append(offsets[-1] + size)
         grads = None
-        if self.extraction == "structured":
+        if self._mode == "structured":
             grads = self._structured_task_grads(roots, rows, [params[k] for k in live])
         if grads is None:
             grads = self._batched_task_grads(roots, rows, [params[k] for k in live])

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from mtlbook._checks import check_int, check_number
 from mtlbook.adatt.affinity import (
-    EXTRACTIONS,
+    COMPUTER_EXTRACTIONS,
     PARAMETER_SETS,
     TaskAffinityComputer,
     as_loss_vector,
@@ -160,7 +160,7 @@ class AdaptiveTaskTransfer(nn.Module):
         inter_group_strength: float = 0.3,
         prior_blend_start: float = 0.5,
         prior_blend_end: float = 0.1,
-        extraction: str = "batched",
+        extraction: str = "auto",
         parameter_set: str = "all",
         blocking: str = "exact",
         chunk_size: int | None = None,
@@ -197,7 +197,7 @@ class AdaptiveTaskTransfer(nn.Module):
         self.freeze_epoch = freeze_epoch
         self.prior_blend_start = check_unit_interval(prior_blend_start, "prior_blend_start")
         self.prior_blend_end = check_unit_interval(prior_blend_end, "prior_blend_end")
-        check_choice(extraction, "extraction", EXTRACTIONS)
+        check_choice(extraction, "extraction", COMPUTER_EXTRACTIONS)
         check_choice(parameter_set, "parameter_set", PARAMETER_SETS)
         self.blocking = check_choice(blocking, "blocking", BLOCKINGS)
 

@@ -46,7 +46,8 @@ def make_problem(
 ) -> Problem:
     """The synthetic ``"conflict"`` suite with ``n_tasks`` tasks in 4 groups (2 when
     ``n_tasks < 4``) and a PLE of ``n_levels`` levels (default 2; 1 is a CGC) with 2 shared
-    experts per level and 1 expert per task.
+    experts per level and 1 expert per task, in the module form (``experts="modules"``; the
+    benchmarks make the bank form with :func:`~mtlbook.models.to_bank`).
 
     The input width is ``max(n_features, n_tasks + n_groups)`` so that every task and group
     direction fits.
@@ -59,8 +60,9 @@ def make_problem(
     dataset, _ = make_suite_regime("conflict", batch_size * n_batches, seed=seed, n_tasks=n_tasks,
                                    n_groups=n_groups, dim=dim)  # fmt: skip
     torch.manual_seed(seed)
+    # the module form: the benchmarks' reference, which they convert with to_bank
     model = PLE(dataset.n_features, dataset.task_specs, expert_hidden=tuple(expert_hidden),
-                expert_dim=expert_dim, n_levels=n_levels).to(device)  # fmt: skip
+                expert_dim=expert_dim, n_levels=n_levels, experts="modules").to(device)  # fmt: skip
     batches = [b.to(device) for b in iterate_batches(dataset, batch_size)]
     return Problem(model, batches, tuple(dataset.task_specs))
 

@@ -140,10 +140,14 @@ def family_kwargs(kind: str, width: int = 16) -> dict[str, Any]:
 def build_family_model(
     kind: str, n_features: int, task_specs: Sequence[TaskSpec], *, width: int = 16, seed: int = 0
 ) -> nn.Module:
-    """A model of :data:`FAMILY` with :func:`family_kwargs`, initialised from ``torch.manual_seed(seed)``."""
+    """A model of :data:`FAMILY` with :func:`family_kwargs`, initialised from ``torch.manual_seed(seed)``.
+
+    Built in the module form (``experts="modules"``), the one chapter 3 teaches and the stored
+    census tables were trained with, so that a cell rerun gives back its rows.
+    """
     kwargs = family_kwargs(kind, width)
     torch.manual_seed(_check_int(seed, "seed", 0))
-    return build_model(kind, n_features, task_specs, **kwargs)
+    return build_model(kind, n_features, task_specs, experts="modules", **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

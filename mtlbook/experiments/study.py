@@ -267,7 +267,7 @@ def _train_and_score(config: StudyConfig, train: MultiTaskDataset, val: MultiTas
     from mtlbook.train import Trainer
 
     torch.manual_seed(seed)  # same initial weights for every configuration of this seed
-    model = PLE(train.n_features, train.task_specs, **dict(size.model))
+    model = PLE(train.n_features, train.task_specs, **size.model_kwargs())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(model, trainer_config(config, seed, size, task_groups, task_weights))
@@ -287,7 +287,7 @@ def _initial_losses(train: MultiTaskDataset, seed: int, size: StudySize) -> dict
     from mtlbook.train import Trainer
 
     torch.manual_seed(seed)
-    model = PLE(train.n_features, train.task_specs, **dict(size.model))
+    model = PLE(train.n_features, train.task_specs, **size.model_kwargs())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = Trainer(model, trainer_config(get_config("ple_equal"), seed, size)).evaluate(train)

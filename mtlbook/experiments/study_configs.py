@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 __all__ = [
+    "STUDY_EXPERTS",
     "CANDIDATE",
     "COLUMNS",
     "CONFIG_NAMES",
@@ -214,7 +215,10 @@ class StudySize:
         suite_rows: (train, val, test) rows of the synthetic suite.
         census_rows: (train, val, test) rows drawn from census-income's splits
             (``0`` = the whole split).
-        model: keyword arguments of :class:`~mtlbook.models.PLE`.
+        model: keyword arguments of :class:`~mtlbook.models.PLE`. Without an ``"experts"``
+            entry the study builds the module form (:data:`STUDY_EXPERTS`), not the library's
+            default bank form: every stored table was trained that way, and a rerun must give
+            back its rows (see :meth:`model_kwargs`).
         phase1_epochs, phase2_epochs, batch_size, lr, warmup_epochs, patience: trainer settings.
         adatt_warmup_epochs, adatt_freeze_epoch: adaTT's schedule, scaled to ``phase1_epochs``
             (the library defaults 2 and 10 assume a 15-epoch phase 1).
@@ -252,6 +256,11 @@ class StudySize:
 
         if self.adatt_extraction not in EXTRACTIONS:
             raise ValueError(f"adatt_extraction must be one of {EXTRACTIONS}, got {self.adatt_extraction!r}")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the study builds its PLE with: :attr:`model`, in the
+        :data:`STUDY_EXPERTS` form unless :attr:`model` names one (:func:`with_compute`)."""
+        return {"experts": STUDY_EXPERTS, **dict(self.model)}
 
     def for_dataset(self, dataset: str) -> "StudySize":
         """This size with ``per_dataset[dataset]`` applied (itself, values unchanged, otherwise)."""
@@ -337,6 +346,13 @@ SIZES: dict[str, StudySize] = {
         adatt_warmup_epochs=2, adatt_freeze_epoch=10, adatt_grad_interval=10,
     ),
 }
+
+
+#: The forward path of the study's models: the module form, which every stored table of the
+#: study was trained with (the library default became ``"bank"`` later; the two forms agree to
+#: float rounding, which a few hundred training steps grow to about 1 %, see
+#: ``mtlbook/tables/study_throughput.csv``), so a cell rerun gives back its stored rows.
+STUDY_EXPERTS = "modules"
 
 
 def with_compute(size: str | StudySize, experts: str | None = None, extraction: str | None = None) -> StudySize:

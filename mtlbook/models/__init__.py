@@ -17,8 +17,9 @@ and differs only in which experts :math:`E_i` task :math:`k`'s gate may use:
 * :class:`PLE`: CGC levels stacked, with a shared gate feeding the next level;
 * :class:`BlockAttentionCGC`: CGC over experts of different widths, concatenated.
 
-``experts="bank"`` (opt-in) computes experts, gates and towers of one shape as one batched
-matmul with the same parameters (:mod:`mtlbook.models.banks`).
+Every model computes experts, gates and towers of one shape as one batched matmul
+(``experts="bank"``, the default; :mod:`mtlbook.models.banks`); ``experts="modules"`` calls
+each as its own module, the form chapter 3 teaches and the book's stored experiments used.
 
 The common interface (``shared_parameters()``, ``shared_experts``, ``gate_weights``,
 ``freeze_gates`` ...) is documented in :mod:`mtlbook.models.base`.

@@ -1,7 +1,7 @@
-r"""Banks: experts, gates and towers of one shape computed as one batched matmul (opt-in fast path).
+r"""Banks: experts, gates and towers of one shape computed as one batched matmul (the default path).
 
-A model built with ``experts="bank"`` computes the same function as the module-per-expert
-form (``experts="modules"``, the default) for the same weights; only its forward pass and
+A model built with ``experts="bank"`` (the default) computes the same function as the
+module-per-expert form (``experts="modules"``) for the same weights; only its forward pass and
 where the weights are stored differ. Instead of calling :math:`n` small ``nn.Linear``
 modules one by one, a bank runs one batched matmul over the :math:`n` weight matrices of one
 layer, and the task-owned layers keep those matrices stacked (:mod:`mtlbook.models.bank_storage`).
@@ -90,7 +90,7 @@ T = TypeVar("T")
 
 
 def check_expert_mode(value: object) -> str:
-    """Return ``value`` if it names a forward path: ``"modules"`` (default) or ``"bank"``."""
+    """Return ``value`` if it names a forward path: ``"bank"`` (default) or ``"modules"``."""
     if not isinstance(value, str):
         raise TypeError(f"experts must be one of {EXPERT_MODES} (a str), got {type(value).__name__} {value!r}")
     if value not in EXPERT_MODES:

@@ -22,10 +22,11 @@ What the rest of the package relies on (adaTT, the trainer, the plots):
 * ``last_shared_layers()``: the final ``nn.Linear`` of each last-level shared expert.
 * ``freeze_gates(flag)``: a registered bool buffer ``gates_frozen`` plus
   ``requires_grad`` on the gate parameters; loading a ``state_dict`` re-applies the flag.
-* ``experts_mode``: ``"modules"`` (default: every expert, gate and tower is called as its own
-  module) or ``"bank"`` (modules of one shape computed as one batched matmul, see
+* ``experts_mode``: ``"bank"`` (default: modules of one shape computed as one batched matmul, see
   :mod:`mtlbook.models.banks`, with the task-owned layers stored stacked, see
-  :mod:`mtlbook.models.bank_storage`). Outputs equal up to float rounding; either form
+  :mod:`mtlbook.models.bank_storage`) or ``"modules"`` (every expert, gate and tower called as
+  its own module: the form chapter 3 teaches, and the one the book's stored experiments were
+  made with). Outputs equal up to float rounding; either form
   loads the other's ``state_dict``. Set it with the constructor's ``experts=`` argument or
   :func:`~mtlbook.models.banks.to_bank`.
 
@@ -133,8 +134,8 @@ class MultiTaskModel(nn.Module):
             float; 0 disables).
         check_finite: reject inputs with NaN/inf (one reduction over ``x`` per forward; set
             False to skip it, e.g. on GPU where it forces a host sync).
-        experts: forward path, ``"modules"`` (default) or ``"bank"`` (opt-in batched
-            matmuls over modules of one shape; see :mod:`mtlbook.models.banks`).
+        experts: forward path, ``"bank"`` (default: batched matmuls over modules of one
+            shape; see :mod:`mtlbook.models.banks`) or ``"modules"`` (one call per module).
     """
 
     gates_frozen: Tensor
@@ -146,7 +147,7 @@ class MultiTaskModel(nn.Module):
         *,
         gate_entropy_weight: float = 0.0,
         check_finite: bool = True,
-        experts: str = "modules",
+        experts: str = "bank",
     ) -> None:
         super().__init__()
         self.experts_mode = check_expert_mode(experts)

@@ -191,7 +191,8 @@ class ExtractionLevel(nn.Module):
             x = task_list[0] if stacked_inputs is None else _rows_of_owners(stacked_inputs, owners)
             task_stack = task_bank.stacked(x, training)  # [n_t, batch, d], task-major
             u = stacked_inputs if stacked_inputs is not None else task_list[0]
-            gate_w = GateBank(list(self.task_gates))(u).to(task_stack.dtype)  # [K, batch, m]
+            gate_w32 = GateBank(list(self.task_gates))(u)  # float32 [K, batch, m], recorded as the module form's
+            gate_w = gate_w32.to(task_stack.dtype)  # the mixture's dtype (bf16 under autocast)
             n_s = len(shared_outputs)
             n_own = len(self.task_experts[0])  # one gate shape: every task has n_own experts
             own = task_stack.reshape(n_tasks, n_own, *task_stack.shape[1:])  # [K, n_own, batch, d]
@@ -202,14 +203,15 @@ class ExtractionLevel(nn.Module):
             terms += [gate_w[:, :, n_s + j, None] * own[:, j] for j in range(n_own)]
             task_features = sum(terms[1:], terms[0])
             for k in range(n_tasks):
-                weights[str(k)] = gate_w[k]
+                weights[str(k)] = gate_w32[k]
             shared_feature = None
             if self.shared_gate is not None:
-                w = self.shared_gate(shared_input).to(task_stack.dtype)  # [batch, n_s + n_t]
+                w32 = self.shared_gate(shared_input)  # [batch, n_s + n_t]
+                w = w32.to(task_stack.dtype)
                 shared_feature = (w[:, n_s:].t().unsqueeze(-1) * task_stack).sum(0)
                 for s in range(n_s):
                     shared_feature = shared_feature + w[:, s, None] * shared_outputs[s]
-                weights["shared"] = w
+                weights["shared"] = w32
             return shared_feature, task_features, shared_outputs, weights
 
         if flat_task_experts and stacked_inputs is not None and single_shape:
@@ -266,9 +268,10 @@ class PLE(MultiTaskModel):
             With ``"mixture"`` they must all equal ``expert_dim`` (the experts' last layer is
             the projection to the common width); ``"block"`` allows any widths.
         check_finite: reject NaN/inf inputs.
-        experts: ``"modules"`` (default) or ``"bank"``: experts, gates and towers of one shape
-            computed as one batched matmul (:mod:`mtlbook.models.banks`), task experts, task
-            gates and towers stored stacked (:mod:`mtlbook.models.bank_storage`).
+        experts: ``"bank"`` (default): experts, gates and towers of one shape computed as
+            one batched matmul (:mod:`mtlbook.models.banks`), task experts, task gates and
+            towers stored stacked (:mod:`mtlbook.models.bank_storage`); or ``"modules"``, one
+            call per module (the form chapter 3 teaches).
     """
 
     def __init__(
@@ -288,7 +291,7 @@ class PLE(MultiTaskModel):
         shared_expert_hidden: Sequence[int] | Sequence[Sequence[int]] | None = None,
         shared_expert_dims: Sequence[int] | None = None,
         check_finite: bool = True,
-        experts: str = "modules",
+        experts: str = "bank",
     ) -> None:
         super().__init__(
             n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite, experts=experts

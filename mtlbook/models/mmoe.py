@@ -44,8 +44,8 @@ class MMoE(MultiTaskModel):
         gate_entropy_weight: weight of the gate-entropy regulariser (see
             :mod:`mtlbook.models.base`).
         check_finite: reject NaN/inf inputs.
-        experts: ``"modules"`` (default) or ``"bank"`` (batched experts, gates and towers;
-            see :mod:`mtlbook.models.banks`).
+        experts: ``"bank"`` (default: batched experts, gates and towers; see
+            :mod:`mtlbook.models.banks`) or ``"modules"``.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class MMoE(MultiTaskModel):
         dropout: float = 0.0,
         gate_entropy_weight: float = 0.0,
         check_finite: bool = True,
-        experts: str = "modules",
+        experts: str = "bank",
     ) -> None:
         super().__init__(
             n_features, task_specs, gate_entropy_weight=gate_entropy_weight, check_finite=check_finite, experts=experts

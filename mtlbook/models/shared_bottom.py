@@ -35,8 +35,8 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: hidden widths of each tower.
         dropout: dropout in the bottom and the towers, in [0, 1).
         check_finite: reject NaN/inf inputs.
-        experts: ``"modules"`` (default) or ``"bank"`` (the towers are batched; the single
-            bottom is one module either way; see :mod:`mtlbook.models.banks`).
+        experts: ``"bank"`` (default: the towers are batched; the single bottom is one
+            module either way; see :mod:`mtlbook.models.banks`) or ``"modules"``.
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class SharedBottom(MultiTaskModel):
         tower_hidden: Sequence[int] = (32,),
         dropout: float = 0.0,
         check_finite: bool = True,
-        experts: str = "modules",
+        experts: str = "bank",
     ) -> None:
         super().__init__(n_features, task_specs, check_finite=check_finite, experts=experts)
         expert_dim = check_int(expert_dim, "expert_dim", 1)
