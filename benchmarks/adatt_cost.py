@@ -8,8 +8,8 @@ For a PLE on the many-task synthetic suite (:func:`mtlbook.data.make_suite_regim
 in 23 configurations: the plain step, and the step with a
 :class:`~mtlbook.adatt.TaskAffinityComputer` for every combination of
 
-* ``extraction``: ``"batched"`` (the default: one ``autograd.grad`` with
-  ``is_grads_batched=True``), ``"loop"`` (one ``autograd.grad`` per task through the whole
+* ``extraction``: ``"batched"`` (one ``autograd.grad`` with ``is_grads_batched=True``; what
+  the stored study uses), ``"loop"`` (one ``autograd.grad`` per task through the whole
   graph), ``"cut"`` (per task, the cotangents of the model outputs, then one backward from
   the task's own outputs) or ``"structured"`` (one backward to each task's own features,
   then one backward through the shared experts batched over the tasks; not with
