@@ -151,6 +151,13 @@ def test_a_checkpoint_of_another_model_or_config_is_refused(tmp_path):
     no_adatt = Trainer(make_model(), trainer.config)
     with pytest.raises(ValueError, match="different model"):
         no_adatt.load_checkpoint(path)
+    # the same architecture in the module form (the default before banks): the error says which form to build
+    torch.manual_seed(0)
+    modules = PLE(5, SPECS, n_levels=2, n_shared_experts=2, n_task_experts=1, expert_hidden=(8,), expert_dim=6,
+                  tower_hidden=(6,), experts="modules")  # fmt: skip
+    other_form = Trainer(modules, trainer.config, adatt=AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=2))
+    with pytest.raises(ValueError, match='stores its experts as experts="bank": build the model with experts="bank"'):
+        other_form.load_checkpoint(path)
     other_config = make_trainer(tmp_path, phase1_epochs=1, phase2_epochs=0, lr=1e-3)
     with pytest.raises(ValueError, match="TrainerConfig.*lr"):
         other_config.load_checkpoint(path)

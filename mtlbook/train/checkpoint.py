@@ -287,6 +287,12 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], ign
                 "different shapes: "
                 + ", ".join(f"{n} {stored_tensors[n]} vs {current_tensors[n]}" for n in reshaped[:5])
             )
+        banks_stored = any(".banks." in n for n in stored_tensors)
+        banks_current = any(".banks." in n for n in current_tensors)
+        if banks_stored != banks_current:  # the same architecture in the other experts= form
+            form = "bank" if banks_stored else "modules"
+            parts.append(f'the checkpoint\'s model stores its experts as experts="{form}": build the model with '
+                         f'experts="{form}" to resume it (a model state_dict alone loads into either form)')
         raise ValueError("checkpoint was written for a different model: " + "; ".join(parts))
     if "settings" in stored:  # checkpoints written before settings were recorded skip this
         stored_settings, current_settings = dict(stored["settings"]), dict(current.get("settings", {}))
