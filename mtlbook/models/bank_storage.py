@@ -27,7 +27,9 @@ experts, so stacking them each step costs little. Nor the shared gate (one per l
 :class:`BankedLinear`: the same module, whose ``weight`` and ``bias`` are views of its row
 of the bank (``bank.weight[i].T``, ``bank.bias[i, 0]``). So ``model.towers[k]``,
 ``levels[l].task_experts[k][j]`` and the module-by-module forward still work, and
-gradients through a view reach the bank. Such a module owns no Parameters.
+gradients through a view reach the bank. Such a module owns no Parameters, so one task's
+layer cannot be frozen on its own (``requires_grad`` belongs to the whole bank): build the
+model with ``experts="modules"`` for that.
 
 **state_dict.** A bank model's ``state_dict`` holds ``banks.<name>.weight`` ``[n, d_in,
 d_out]`` and ``banks.<name>.bias`` ``[n, 1, d_out]`` in place of the members'

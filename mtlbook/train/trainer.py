@@ -78,7 +78,9 @@ class Trainer:
     Attributes: ``history``, ``balancer``, ``pipeline`` (:class:`~mtlbook.train.pipeline.LossPipeline`),
     ``callbacks``, ``early_stopping`` (the default :class:`~mtlbook.train.callbacks.EarlyStopping`),
     ``optimizer``/``scheduler``/``scaler`` of the current phase (``None`` before it starts),
-    ``phase``, ``phase_epoch``, ``epoch``, ``step``, ``strategy``, ``precision``, ``distributed``.
+    ``phase``, ``phase_epoch``, ``epoch``, ``step``, ``strategy``, ``precision``, ``distributed``,
+    ``fast_path`` (True for an ``experts="bank"`` model, the default: its losses are computed a
+    group of tasks at a time, :mod:`mtlbook.losses_grouped`, and AdamW is fused).
     """
 
     def __init__(self, model: nn.Module, config: TrainerConfig | None = None, adatt: nn.Module | None = None,
