@@ -1,11 +1,13 @@
 """Cells per hour of chapter 8's grid, computed two ways, in one run of each.
 
 ``benchmarks/run_study.py --size small`` (every configuration, the design's datasets, the
-size's seeds) is run twice from an empty table: once with the library defaults (experts as
-modules, ``extraction="batched"``: what the stored study used) and once with
+size's seeds) is run twice from an empty table: once with the study's own settings, form
+``defaults`` (experts as modules, ``extraction="batched"``: what the stored study used; see
+:data:`~mtlbook.experiments.study_configs.STUDY_EXPERTS`) and once with
 ``--experts bank --extraction structured`` (task-owned layers stored stacked,
-:mod:`mtlbook.models.bank_storage`; per-task gradients through the shared experts only,
-:func:`mtlbook.gradients.structured_gradients`). The two runs start together, one process
+:mod:`mtlbook.models.bank_storage`, trained with the bank form's grouped losses and fused
+AdamW; per-task gradients through the shared experts only,
+:func:`mtlbook.gradients.structured_gradients`): the library's default path. The two runs start together, one process
 and one thread each, so that both see the same machine load (a 2-core machine then has no
 core left for anything else). Both train the same models from the same weights; the two
 forms compute the same functions up to float rounding, and that rounding, carried through
