@@ -42,18 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtlbook.data.batch import Batch, TaskSpec
-from mtlbook.losses import (
-    LOSSES,
-    ResolvedTaskLoss,
+from mtlbook._loss_rows import (
     _check_float,
     _check_present,
     _check_tensor,
     _check_unit_interval,
     _float_target,
     _match_shapes,
-    resolve_task_losses,
 )
+from mtlbook.data.batch import Batch, TaskSpec
+from mtlbook.losses import LOSSES, ResolvedTaskLoss, resolve_task_losses
 
 __all__ = ["GROUPED_LOSSES", "grouped_task_losses"]
 
