@@ -23,6 +23,15 @@ matmuls (the machine's attainable GFLOP/s on ``--threads`` threads, measured in 
 rounds, so under the same load). Reported values are medians over rounds of the per-step
 times.
 
+``bank_matmul_ms`` is the bank step's own matmuls alone: every ``mm``/``bmm``/``baddbmm``/``addmm``
+of one forward and backward, recorded with their shapes and strides
+(``torch.utils._python_dispatch.TorchDispatchMode``) and replayed back to back on random
+tensors of the same layout, timed in the same rounds (``n_matmuls`` calls). It is what the
+step would cost with no other work at all, at the speed these shapes actually reach on this
+CPU; ``bank_matmul_over_floor`` says how far that is from the FLOP floor below, and
+``bank_over_matmul`` how much of the step is everything else (elementwise work, the optimizer,
+framework overhead).
+
 The FLOP floor is ``step_mflop / matmul_gflops``, with ``step_mflop`` the forward plus
 backward FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
 only; the optimizer's elementwise work is not counted, which makes the floor optimistic). The
@@ -49,6 +58,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +75,12 @@ from mtlbook.train.optim import adamw_implementation  # noqa: E402
 
 COLUMNS = (
     "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "bank_step_mflop", "matmul_gflops", "floor_ms",
-    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms", "stack_ms", "rounds", "block_steps",
-    "threads", "batch_size",
+    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms", "stack_ms",
+    "bank_matmul_ms", "n_matmuls", "bank_matmul_over_floor", "bank_over_matmul", "rounds", "block_steps", "threads",
+    "batch_size",
 )  # fmt: skip
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
+           torch.ops.aten.addmm.default)  # fmt: skip
 
 
 class Stepper:
@@ -130,6 +143,43 @@ def stack_only(groups: list[list[nn.Linear]]) -> Callable[[], None]:
     return run
 
 
+class _MatmulRecorder(TorchDispatchMode):
+    """Records every matmul call of the ops it sees: the op, and each argument's layout or value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, list[object]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            layouts = [(a.shape, a.stride(), a.storage_offset()) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, layouts))
+        return func(*args, **(kwargs or {}))
+
+
+def _like(layout: object) -> object:
+    """A random float32 tensor with the recorded shape, strides and offset (other arguments as they were)."""
+    if not isinstance(layout, tuple):
+        return layout
+    shape, stride, offset = layout
+    extent = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+    return torch.randn(max(extent, 1)).as_strided(shape, stride, offset)
+
+
+def matmul_replay(stepper: Stepper) -> tuple[Callable[[], None], int]:
+    """The matmuls of one forward and backward of ``stepper``, replayed back to back; and their count."""
+    recorder = _MatmulRecorder()
+    with recorder:
+        stepper.forward_backward()
+    calls = [(func, [_like(a) for a in layouts]) for func, layouts in recorder.calls]
+
+    def run() -> None:
+        for func, args in calls:
+            func(*args)
+
+    return run, len(calls)
+
+
 def step_flops(stepper: Stepper) -> int:
     with FlopCounterMode(display=False) as counter:
         stepper.forward_backward()
@@ -155,6 +205,7 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     a, b = torch.randn(256, 512), torch.randn(512, 512)
     matmul_flop = 2 * 256 * 512 * 512
     stacks = stack_only(bank_linear_groups(bank.model))
+    bank_matmuls, n_matmuls = matmul_replay(bank)
     actions: dict[str, Callable[[], None]] = {
         "module": module.step,
         "bank": bank.step,
@@ -162,6 +213,7 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "optimizer": module.optimizer.step,  # grads from the module steps
         "bank_optimizer": bank.optimizer.step,
         "stack": stacks,
+        "bank_matmul": bank_matmuls,
         "matmul": lambda: torch.mm(a, b),
     }
     for action in actions.values():  # warm-up
@@ -192,6 +244,10 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "bank_optimizer_ms": round(med["bank_optimizer"] * 1e3, 3),
         "bank_per_task_ms": round(med["bank_per_task"] * 1e3, 3),
         "stack_ms": round(med["stack"] * 1e3, 3),
+        "bank_matmul_ms": round(med["bank_matmul"] * 1e3, 3),
+        "n_matmuls": n_matmuls,
+        "bank_matmul_over_floor": round(med["bank_matmul"] * 1e3 / floor_ms, 2),
+        "bank_over_matmul": round(bank_ms / (med["bank_matmul"] * 1e3), 2),
         "rounds": args.rounds,
         "block_steps": args.block,
         "threads": args.threads,
@@ -223,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             f"bank {row['bank_ms']:8.2f} ms ({row['bank_over_floor']:5.1f}x floor; {row['bank_per_task_ms']:.2f} with "
             f"per-task losses and foreach AdamW) | speedup {row['speedup']:.2f} | "
             f"floor {row['floor_ms']:.2f} ms ({row['step_mflop']:.0f} MFLOP at {row['matmul_gflops']:.0f} GFLOP/s) | "
-            f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | stacks alone {row['stack_ms']:.2f} ms",
+            f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | stacks alone {row['stack_ms']:.2f} ms | "
+            f"bank matmuls alone {row['bank_matmul_ms']:.2f} ms ({row['bank_matmul_over_floor']:.1f}x floor)",
             flush=True,
         )
     if not args.quick:

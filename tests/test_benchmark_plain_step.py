@@ -64,3 +64,21 @@ def test_quick_run_prints_every_column_and_writes_nothing(ps, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 tasks:" in printed and "with per-task losses and foreach AdamW" in printed
     assert not out.exists()
+
+
+def test_matmul_replay_keeps_the_steps_matmuls_and_their_layouts(ps):
+    """The replayed matmuls are the step's own: same ops, shapes and strides (level 0's experts
+    read one broadcast input, a stride-0 batch dimension, and the replay keeps it)."""
+    problem = ps.make_problem(4, batch_size=32, n_batches=2, expert_hidden=(8,), expert_dim=4)
+    stepper = ps.Stepper(to_bank(problem.model), problem.batches, problem.task_specs, fast_path=True)
+    recorder = ps._MatmulRecorder()
+    with recorder:
+        stepper.forward_backward()
+    run, n_matmuls = ps.matmul_replay(stepper)
+    assert n_matmuls == len(recorder.calls) > 0
+    layouts = [a for _, args in recorder.calls for a in args if isinstance(a, tuple)]
+    assert any(0 in stride for _, stride, _ in layouts)
+    for layout in layouts:
+        rebuilt = ps._like(layout)
+        assert (tuple(rebuilt.shape), rebuilt.stride()) == (tuple(layout[0]), layout[1])
+    run()  # runs on its own, without the model

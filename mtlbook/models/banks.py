@@ -16,7 +16,8 @@ layer, and the task-owned layers keep those matrices stacked (:mod:`mtlbook.mode
     \qquad
     \mathbf Z_j = \sigma\big(\mathbf Z_{j-1} \mathbf A_j + \mathbf a_j\big) \in \mathbb{R}^{n \times B \times d_\text{out}},
 
-one ``torch.baddbmm`` per layer, where row block :math:`i` of :math:`\mathbf Z_0` is expert
+one batched matmul per layer (``torch.baddbmm``; for maps with a few outputs, gates and task
+heads, the transposed products of :mod:`mtlbook.models.narrow_affine`), where row block :math:`i` of :math:`\mathbf Z_0` is expert
 :math:`i`'s input (``[n, B, d_in]``), or one ``x [B, d_in]`` broadcast to every expert
 (``torch.matmul`` broadcasting, no copy). Block :math:`i` of the result is
 :math:`E_i(x_i)`, the same function the module form computes; only the floating-point
@@ -82,6 +83,7 @@ from torch import Tensor, nn
 from mtlbook.models.bank_storage import bank_rows, store_in_banks, store_in_modules
 from mtlbook.models.experts import Expert
 from mtlbook.models.gates import SoftmaxGate
+from mtlbook.models.narrow_affine import bank_affine
 from mtlbook.models.towers import TaskTower
 
 EXPERT_MODES = ("modules", "bank")
@@ -189,9 +191,7 @@ def stacked_linear(x: Tensor, layers: Sequence[nn.Linear]) -> Tensor:
     weight_t, bias = stack_weights(layers)
     if x.dim() == 2:
         x = x.unsqueeze(0).expand(len(layers), *x.shape)  # one input for all: a stride-0 view
-    if bias is not None:
-        return torch.baddbmm(bias, x, weight_t)
-    return torch.bmm(x, weight_t)
+    return bank_affine(x, weight_t, bias)
 
 
 def _replay_forward_hooks(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -313,8 +313,7 @@ def towers_forward(towers: Sequence[TaskTower], features: Sequence[Tensor] | Ten
         else:
             x = torch.stack([features[k] for k in idx])
         y = TowerBank([towers[k] for k in idx])(x, training)
-        for slot, k in enumerate(idx):
-            out = y[slot]
+        for k, out in zip(idx, y.unbind(0)):  # one backward node for the group, not one per task
             outputs[k] = out.squeeze(-1) if towers[k].output_dim == 1 else out
     return outputs  # type: ignore[return-value]
 

@@ -199,8 +199,12 @@ class ExtractionLevel(nn.Module):
             # f_k = sum_s g_ks S_s + sum_j g_kj T_kj as m multiply-adds over [K, batch, d]: no
             # gather (task experts are task-major), and no einsum, which over m = 2..4 experts
             # becomes one tiny matmul per batch row on CPU
-            terms = [gate_w[:, :, s, None] * shared_outputs[s] for s in range(n_s)]
-            terms += [gate_w[:, :, n_s + j, None] * own[:, j] for j in range(n_own)]
+            # unbind, not indexing: one backward node that stacks the m gradients, instead of m
+            # zero-filled full-size gradients summed
+            gate_cols = [g.unsqueeze(-1) for g in gate_w.unbind(2)]  # m x [K, batch, 1]
+            own_rows = own.unbind(1)  # n_own x [K, batch, d]
+            terms = [gate_cols[s] * shared_outputs[s] for s in range(n_s)]
+            terms += [gate_cols[n_s + j] * own_rows[j] for j in range(n_own)]
             task_features = sum(terms[1:], terms[0])
             for k in range(n_tasks):
                 weights[str(k)] = gate_w32[k]
