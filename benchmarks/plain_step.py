@@ -16,9 +16,8 @@ experts, task gates and towers stored as stacked Parameters,
 model with the module form's losses and optimizer, so the table separates what the banks
 give from what the loss and optimizer paths give. Per round, in shuffled order, the script
 times a block of steps of each, a block of AdamW steps alone for each form (``optimizer_ms``,
-``bank_optimizer_ms``: the same numbers in ~400 tensors, foreach, or in ~40, fused), a block of the weight
-stacks the bank form still does each step, forward and backward (``stack_ms``: the shared
-experts, which keep one Parameter set each), and a block of 256x512 @ 512x512 float32
+``bank_optimizer_ms``: the same numbers in ~400 tensors, foreach, or in ~40, fused), a block of
+the bank step's matmuls alone (below), and a block of 256x512 @ 512x512 float32
 matmuls (the machine's attainable GFLOP/s on ``--threads`` threads, measured in the same
 rounds, so under the same load). Reported values are medians over rounds of the per-step
 times.
@@ -57,7 +56,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,13 +67,11 @@ from mtlbook.experiments.bench import make_problem, write_rows  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
 from mtlbook.losses_grouped import grouped_task_losses  # noqa: E402
 from mtlbook.models import PLE, to_bank  # noqa: E402
-from mtlbook.models.bank_storage import bank_rows  # noqa: E402
-from mtlbook.models.banks import group_by, stack_weights  # noqa: E402
 from mtlbook.train.optim import adamw_implementation  # noqa: E402
 
 COLUMNS = (
     "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "bank_step_mflop", "matmul_gflops", "floor_ms",
-    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms", "stack_ms",
+    "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms",
     "bank_matmul_ms", "n_matmuls", "bank_matmul_over_floor", "bank_over_matmul", "rounds", "block_steps", "threads",
     "batch_size",
 )  # fmt: skip
@@ -107,40 +103,6 @@ class Stepper:
     def step(self) -> None:
         self.forward_backward()
         self.optimizer.step()
-
-
-def bank_linear_groups(model: PLE) -> list[list[nn.Linear]]:
-    """The groups of ``nn.Linear`` the bank form of a PLE still stacks in one step (those not in bank storage)."""
-    groups: list[list[nn.Linear]] = []
-
-    def mlp_layers(mlps, last: str) -> None:
-        if not mlps:
-            return
-        linears_of = [[m for m in mlp.body if isinstance(m, nn.Linear)] + [getattr(mlp, last)] for mlp in mlps]
-        for idx in group_by(linears_of, lambda ls: tuple((x.in_features, x.out_features) for x in ls)):
-            linears = [linears_of[i] for i in idx]
-            groups.extend([lin[j] for lin in linears] for j in range(len(linears[0])))
-
-    for level in model.levels:
-        mlp_layers(list(level.shared_experts), "output_layer")
-        mlp_layers([e for experts in level.task_experts for e in experts], "output_layer")
-        gates = list(level.task_gates)
-        groups.extend([gates[i].linear for i in idx] for idx in group_by(gates, lambda g: (g.in_dim, g.n_experts)))
-    mlp_layers(list(model.towers), "head")
-    return [g for g in groups if bank_rows(g) is None]
-
-
-def stack_only(groups: list[list[nn.Linear]]) -> Callable[[], None]:
-    """Forward and backward of the bank's weight and bias stacks alone (no matmul)."""
-    params = [p for g in groups for layer in g for p in layer.parameters()]
-
-    def run() -> None:
-        for p in params:
-            p.grad = None
-        outs = [t for g in groups for t in stack_weights(g) if t is not None]
-        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
-
-    return run
 
 
 class _MatmulRecorder(TorchDispatchMode):
@@ -204,7 +166,6 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     bank_flops = step_flops(bank)
     a, b = torch.randn(256, 512), torch.randn(512, 512)
     matmul_flop = 2 * 256 * 512 * 512
-    stacks = stack_only(bank_linear_groups(bank.model))
     bank_matmuls, n_matmuls = matmul_replay(bank)
     actions: dict[str, Callable[[], None]] = {
         "module": module.step,
@@ -212,7 +173,6 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "bank_per_task": bank_per_task.step,
         "optimizer": module.optimizer.step,  # grads from the module steps
         "bank_optimizer": bank.optimizer.step,
-        "stack": stacks,
         "bank_matmul": bank_matmuls,
         "matmul": lambda: torch.mm(a, b),
     }
@@ -243,7 +203,6 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "optimizer_ms": round(med["optimizer"] * 1e3, 3),
         "bank_optimizer_ms": round(med["bank_optimizer"] * 1e3, 3),
         "bank_per_task_ms": round(med["bank_per_task"] * 1e3, 3),
-        "stack_ms": round(med["stack"] * 1e3, 3),
         "bank_matmul_ms": round(med["bank_matmul"] * 1e3, 3),
         "n_matmuls": n_matmuls,
         "bank_matmul_over_floor": round(med["bank_matmul"] * 1e3 / floor_ms, 2),
@@ -279,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bank {row['bank_ms']:8.2f} ms ({row['bank_over_floor']:5.1f}x floor; {row['bank_per_task_ms']:.2f} with "
             f"per-task losses and foreach AdamW) | speedup {row['speedup']:.2f} | "
             f"floor {row['floor_ms']:.2f} ms ({row['step_mflop']:.0f} MFLOP at {row['matmul_gflops']:.0f} GFLOP/s) | "
-            f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | stacks alone {row['stack_ms']:.2f} ms | "
+            f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | "
             f"bank matmuls alone {row['bank_matmul_ms']:.2f} ms ({row['bank_matmul_over_floor']:.1f}x floor)",
             flush=True,
         )

@@ -22,6 +22,7 @@ from mtlbook.models import (
     GateBank,
     SharedBottom,
     SoftmaxGate,
+    TaskTower,
     build_model,
     from_bank,
     to_bank,
@@ -119,16 +120,19 @@ def test_forward_records_match(name, cls, kwargs):
 
 
 def test_bank_is_not_a_copy_of_the_module_path():
-    # the bank really takes another path: no expert module is called in its forward
+    # the bank really takes another path: no task expert, task gate or tower module is called
+    # in its forward; the shared experts (few per level) are called one by one
     modules, bank = pair(PLE, dict(n_levels=2, expert_hidden=(8,), expert_dim=6))
     called = []
     for m in bank.modules():
-        if isinstance(m, (Expert, SoftmaxGate)):
-            m.register_forward_hook(lambda mod, i, o: called.append(type(mod).__name__))
+        if isinstance(m, (Expert, SoftmaxGate, TaskTower)):
+            m.register_forward_hook(lambda mod, i, o: called.append(mod))
     bank(batch().inputs)
-    gates_called = [c for c in called if c == "SoftmaxGate"]
-    assert "Expert" not in called
-    assert len(gates_called) == 1  # level 0's shared gate only; the task gates are banked
+    shared = [e for level in bank.levels for e in level.shared_experts]
+    assert [m for m in called if isinstance(m, Expert)] == shared
+    assert not any(isinstance(m, TaskTower) for m in called)
+    gates_called = [m for m in called if isinstance(m, SoftmaxGate)]
+    assert gates_called == [bank.levels[0].shared_gate]  # the task gates are banked
 
 
 # ------------------------------------------------------------------------------ per-task gradients and affinity

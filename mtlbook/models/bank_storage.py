@@ -20,8 +20,9 @@ one tensor per layer instead of :math:`n`.
 the towers (grouped by shape, one bank per layer). **Not** the shared experts: each keeps
 its own Parameters, because the trainer gives every shared expert its own optimizer group
 (per-expert learning rate and weight decay), adaTT's affinity is defined on exactly those
-Parameters, and ``last_shared_layers()`` hooks their output layers. A level has few shared
-experts, so stacking them each step costs little. Nor the shared gate (one per level).
+Parameters, and ``last_shared_layers()`` hooks their output layers. A PLE/CGC level has few
+shared experts, and the bank form calls them one module at a time (MMoE, whose experts are
+all shared, stacks their weights in the forward pass). Nor the shared gate (one per level).
 
 **The modules stay.** Every ``nn.Linear`` whose weights moved into a bank becomes a
 :class:`BankedLinear`: the same module, whose ``weight`` and ``bias`` are views of its row

@@ -46,11 +46,14 @@ width]``, task-major like everything else in the package).
 * layers in *bank storage* (task experts, task gates, towers of a bank model; see
   :mod:`mtlbook.models.bank_storage`) are one stacked Parameter already, used as it is:
   no copy, one gradient tensor, one tensor for the optimizer;
-* every other group (the shared experts, which keep their own Parameters for the trainer's
+* every other group (MMoE's experts, which keep their own Parameters for the trainer's
   one optimizer group per shared expert and for adaTT's parameter set; or a module-form
   model's layers) is stacked inside the forward pass (``torch.stack``, whose backward
-  splits the gradient back onto each Parameter): a copy of a few kB per layer and step,
-  which ``benchmarks/plain_step.py`` measures (``stack_ms``).
+  splits the gradient back onto each Parameter): a copy of a few kB per layer and step.
+  A PLE/CGC level's shared experts (one or two) are called one module at a time instead:
+  stacking so few saves nothing, and adaTT's per-task backward through them (``vmap`` over
+  the task axis, :func:`mtlbook.gradients.structured_gradients`) is then plain ``addmm``
+  backwards, which batch without transposed copies.
 
 ``shared_parameters()``, ``freeze_gates``, ``shared_experts`` and ``last_shared_layers()``
 are those of the module form; ``gate_parameters()`` and ``task_parameters()`` hold the same

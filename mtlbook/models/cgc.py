@@ -70,6 +70,7 @@ def _rows_of_owners(stacked_inputs: Tensor, owners: Sequence[int]) -> Tensor:
     return stacked_inputs.index_select(0, torch.as_tensor(owners, device=stacked_inputs.device))
 
 
+
 class ExtractionLevel(nn.Module):
     """One CGC level: shared experts, per-task experts, per-task gates and an optional shared gate.
 
@@ -177,7 +178,10 @@ class ExtractionLevel(nn.Module):
         stacked_inputs = task_inputs if isinstance(task_inputs, Tensor) else None
         task_list = list(task_inputs.unbind(0)) if stacked_inputs is not None else list(task_inputs)
 
-        shared_outputs = experts_forward(list(self.shared_experts), [shared_input] * len(self.shared_experts), training)
+        # the shared experts one module call each: a level has few, so stacking their weights
+        # saves nothing, and adaTT's per-task backward through them (vmap over the task axis)
+        # then runs on plain addmm, which batches without transposed copies
+        shared_outputs = [expert(shared_input) for expert in self.shared_experts]
         single_shape = len(group_by(flat_task_experts, lambda e: (e.in_dim, e.hidden, e.out_dim))) == 1
         task_bank = ExpertBank(flat_task_experts) if flat_task_experts and single_shape else None
         gate_groups = group_by(list(self.task_gates), lambda g: (g.in_dim, g.n_experts))
