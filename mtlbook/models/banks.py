@@ -17,7 +17,8 @@ layer, and the task-owned layers keep those matrices stacked (:mod:`mtlbook.mode
     \mathbf Z_j = \sigma\big(\mathbf Z_{j-1} \mathbf A_j + \mathbf a_j\big) \in \mathbb{R}^{n \times B \times d_\text{out}},
 
 one batched matmul per layer (``torch.baddbmm``; for maps with a few outputs, gates and task
-heads, the transposed products of :mod:`mtlbook.models.narrow_affine`), where row block :math:`i` of :math:`\mathbf Z_0` is expert
+heads, the transposed products of :mod:`mtlbook.models.narrow_affine`), where row block
+:math:`i` of :math:`\mathbf Z_0` is expert
 :math:`i`'s input (``[n, B, d_in]``), or one ``x [B, d_in]`` broadcast to every expert
 (``torch.matmul`` broadcasting, no copy). Block :math:`i` of the result is
 :math:`E_i(x_i)`, the same function the module form computes; only the floating-point

@@ -70,7 +70,6 @@ def _rows_of_owners(stacked_inputs: Tensor, owners: Sequence[int]) -> Tensor:
     return stacked_inputs.index_select(0, torch.as_tensor(owners, device=stacked_inputs.device))
 
 
-
 class ExtractionLevel(nn.Module):
     """One CGC level: shared experts, per-task experts, per-task gates and an optional shared gate.
 

@@ -60,7 +60,6 @@ class NarrowBankAffine(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -79,7 +78,7 @@ class NarrowBankAffine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # (G^T X)^T: the product with long rows, then the small [n, d_in, d_out] copy
             grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2).contiguous().to(weight_in.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(1, keepdim=True).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias
 
