@@ -55,8 +55,10 @@ task :math:`k`, so one ordinary backward of :math:`\sum_k L_k` to the features g
 :math:`\partial L_k / \partial F_k` at once; the cotangent of a shared expert's output is then
 task :math:`k`'s gate weight times it, and one backward through the shared experts alone,
 batched over the tasks, gives every row of :math:`G`. Only the shared experts are
-differentiated once per task, which is the least any exact method can do. Where the model
-records no such structure, or a loss mixes tasks, it takes the cut.
+differentiated once per task, which is the least any exact method can do. That last backward
+is written out (:mod:`mtlbook.expert_vjp`: a few matmuls over all tasks, no graph kept for
+it) wherever the experts are affine maps and ReLUs, and is autograd's batched call elsewhere.
+Where the model records no such structure, or a loss mixes tasks, it takes the cut.
 
 All four modes give the same :math:`G` up to float rounding (tested to :math:`10^{-6}` of
 the largest entry; the loop and the cut do the same arithmetic, and on some CPUs all three
@@ -291,6 +293,10 @@ class MixtureLevel(Protocol):
     task_gates: Tensor | Sequence[Tensor]
     shared_feature: Tensor | None
     shared_input: Tensor | None
+    # optional (read with getattr): the expert modules that computed shared_outputs, and the
+    # shared gate's weights; without them the backward through the experts is autograd's
+    # shared_experts: Sequence[nn.Module] | None
+    # shared_gate: Tensor | None
 
 
 def losses_are_task_separable(
@@ -337,32 +343,52 @@ def structured_gradients(
         + \Bigl(\frac{\partial f_s^{(l)}}{\partial S_s^{(l)}}\Bigr)^{\!\top}
           \frac{\partial L_k}{\partial f_s^{(l)}},
 
-    and one backward through level :math:`l`'s shared experts (and shared gate), batched
-    over the :math:`K` tasks (``is_grads_batched``), gives every task's gradient on that
-    level's shared parameters and :math:`\partial L_k / \partial u_s^{(l)} = \partial L_k /
-    \partial f_s^{(l-1)}` for the level below. Only the shared experts are differentiated
-    :math:`K` times; everything task-specific is differentiated once.
+    and one backward through level :math:`l`'s shared experts, batched over the :math:`K`
+    tasks, gives every task's gradient on that level's shared parameters and
+    :math:`\partial L_k / \partial u_s^{(l)} = \partial L_k / \partial f_s^{(l-1)}` for the
+    level below. Only the shared experts are differentiated :math:`K` times; everything
+    task-specific is differentiated once.
+
+    That backward is the chain rule written out (:func:`mtlbook.expert_vjp.expert_vjp`) when
+    the level recorded its expert modules and they are affine maps and ReLUs: about 0.7 of
+    the time of ``autograd.grad(..., is_grads_batched=True)`` through the recorded graph at 16
+    tasks (``benchmarks/expert_vjp.py``), and the tasks' :math:`[K, B, d]` cotangents exist one
+    expert at a time (peak memory). Any other
+    expert (dropout while training, another activation, hooks, autocast) takes autograd's
+    batched call through the shared experts and shared gate. Both give the loop's rows to
+    float rounding (on this package's CPU, bit for bit).
     """
     live = [roots[k] for k in rows if roots[k].requires_grad]
     if not live:
         return [[None] * len(params) for params in params_by_level]
-    private = _private_cotangents(sum(live), levels, rows)  # [level][task] dL_k / dF_k
-    gates = [[level.task_gates[k] for k in rows] for level in levels]
+    private = _private_cotangents(sum(live), levels, rows)  # per level [n, B, d]: dL_k / dF_k
+    # per level [n, B, m]: the gate columns of the shared experts are the first of every gate
+    gates = [_rows(lv.task_gates if isinstance(lv.task_gates, Tensor)
+                   else [g[:, : len(lv.shared_outputs)] for g in lv.task_gates], rows) for lv in levels]  # fmt: skip
     step = chunk_size or len(rows)
     parts = []
     for start in range(0, len(rows), step):
-        chunk = range(start, min(start + step, len(rows)))
-        parts.append(_descend(levels, [[p[i] for i in chunk] for p in private],
-                              [[g[i] for i in chunk] for g in gates], params_by_level))
+        chunk = slice(start, min(start + step, len(rows)))
+        parts.append(_descend(levels, [p[chunk] for p in private], [g[chunk] for g in gates], params_by_level))
+    if len(parts) == 1:
+        return parts[0]
     # glue the chunks back together along the task axis
     return [[None if pieces[0] is None else torch.cat(pieces) for pieces in zip(*level_parts)]
             for level_parts in zip(*parts)]
 
 
-def _private_cotangents(
-    total: Tensor, levels: Sequence[MixtureLevel], rows: Sequence[int]
-) -> list[list[Tensor]]:
-    """``dL_k / dF_k`` per level and task of ``rows``, from one backward of ``total``."""
+def _rows(per_task: Tensor | Sequence[Tensor], rows: Sequence[int]) -> Tensor:
+    """Rows ``rows`` of a task-major ``[K, ...]`` tensor (no copy when they are all of it, in
+    order) or of one tensor per task, as one ``[len(rows), ...]`` tensor."""
+    if isinstance(per_task, Tensor):
+        if list(rows) == list(range(per_task.shape[0])):
+            return per_task
+        return per_task.index_select(0, torch.as_tensor(list(rows), device=per_task.device))
+    return torch.stack([per_task[k] for k in rows])
+
+
+def _private_cotangents(total: Tensor, levels: Sequence[MixtureLevel], rows: Sequence[int]) -> list[Tensor]:
+    """``dL_k / dF_k`` per level, ``[len(rows), B, d]``, from one backward of ``total``."""
     # F_k reaches no other task's loss, so row k of d(sum_j L_j)/dF is dL_k/dF_k
     per_level = [[f] if isinstance(f, Tensor) else list(f) for f in (lv.task_features for lv in levels)]
     flat = [f for features in per_level for f in features]
@@ -371,45 +397,92 @@ def _private_cotangents(
     for level, features in zip(levels, per_level):
         level_grads = [torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)]
         # one [K, B, d] tensor, or one [B, d_k] tensor per task
-        tasks = level_grads[0] if isinstance(level.task_features, Tensor) else level_grads
-        out.append([tasks[k] for k in rows])
+        out.append(_rows(level_grads[0] if isinstance(level.task_features, Tensor) else level_grads, rows))
     return out
 
 
 def _descend(
     levels: Sequence[MixtureLevel],
-    private: Sequence[Sequence[Tensor]],
-    gates: Sequence[Sequence[Tensor]],
+    private: Sequence[Tensor],
+    gates: Sequence[Tensor],
     params_by_level: Sequence[Sequence[Tensor]],
 ) -> list[list[Tensor | None]]:
-    """The top-down pass of :func:`structured_gradients` for one chunk of tasks."""
+    """The top-down pass of :func:`structured_gradients` for one chunk of tasks: ``private[l]``
+    and ``gates[l]`` are level ``l``'s ``[n, B, d]`` cotangents and ``[n, B, m]`` gate weights."""
     result: list[list[Tensor | None]] = [[None] * len(params) for params in params_by_level]
     from_above = None  # dL_k / df_s for the level being processed, [n, B, d]
     for l in reversed(range(len(levels))):
         level = levels[l]
-        own = torch.stack(list(private[l]))  # [n, B, d]
-        outs, cotangents = [], []
-        for s, shared_out in enumerate(level.shared_outputs):
-            weight = torch.stack([g[:, s] for g in gates[l]]).unsqueeze(-1)  # [n, B, 1]
-            outs.append(shared_out)
-            cotangents.append(weight.to(own.dtype) * own)
-        if from_above is not None and level.shared_feature is not None:
-            outs.append(level.shared_feature)
-            cotangents.append(from_above)
-        wanted = list(params_by_level[l])
+        own = private[l]
+        # dL_k/dS_s = G_ks C_k: the shared outputs' cotangents through the task gates
+        columns = [gates[l][:, :, s, None].to(own.dtype) for s in range(len(level.shared_outputs))]
         u_s = level.shared_input
         pass_down = l > 0 and u_s is not None and u_s.requires_grad
+        above = from_above if level.shared_feature is not None else None
+        from_above = None
+        wanted = list(params_by_level[l])
+        if not (level.shared_outputs or above is not None) or not (wanted or pass_down):
+            continue
+        written = _written_out(level, own, columns, above, wanted, pass_down)
+        if written is not None:
+            result[l], from_above = written
+            continue
+        outs = list(level.shared_outputs)
+        cotangents = [column * own for column in columns]
+        if above is not None:
+            outs.append(level.shared_feature)
+            cotangents.append(above)
         if pass_down:
             wanted.append(u_s)
-        from_above = None
-        if not outs or not wanted:
-            continue
         grads = torch.autograd.grad(outs, wanted, grad_outputs=cotangents, retain_graph=True,
                                     allow_unused=True, is_grads_batched=True)
         result[l] = list(grads[: len(params_by_level[l])])
         if pass_down:
             from_above = grads[-1]
     return result
+
+
+def _written_out(
+    level: MixtureLevel, own: Tensor, columns: Sequence[Tensor], above: Tensor | None,
+    wanted: Sequence[Tensor], pass_down: bool,
+) -> tuple[list[Tensor | None], Tensor | None] | None:  # fmt: skip
+    r"""One level's backward through its shared experts by :func:`mtlbook.expert_vjp.expert_vjp`
+    (the chain rule written out, all tasks in a few matmuls), or None where the level is not of
+    that form: then autograd differentiates the recorded graph.
+
+    Expert :math:`s`'s cotangent is :math:`G_{k,s} \odot C_k` (``columns[s] * own``) and,
+    through the shared gate :math:`f_s = \sum_i w_i \mathcal E_{s,i}`, :math:`w_s \odot
+    \partial L_k / \partial f_s` (``above``; the gate reads :math:`u_s`, not the experts, and
+    its parameters are not shared experts'). Returns the gradients of ``wanted`` and, with
+    ``pass_down``, :math:`\partial L_k / \partial u_s`.
+    """
+    from mtlbook.expert_vjp import expert_vjp  # the models import this module
+
+    experts = getattr(level, "shared_experts", None)
+    u_s = level.shared_input
+    if experts is None or u_s is None or len(experts) != len(level.shared_outputs):
+        return None
+    shared_gate = getattr(level, "shared_gate", None)
+    if above is not None and (shared_gate is None or pass_down):  # the gate's own path to u_s: autograd's
+        return None
+
+    def cotangent(s: int) -> Tensor:
+        # one expert's [n, B, d] at a time (memory): G_ks C_k, plus w_s dL_k/df_s through the shared gate
+        c = columns[s] * own
+        return c if above is None else c.add_(shared_gate[:, s, None].to(c.dtype) * above)
+
+    found: dict[int, Tensor] = {}
+    input_grad: Tensor | None = None
+    for s, (expert, out) in enumerate(zip(experts, level.shared_outputs)):
+        vjp = expert_vjp(expert, u_s.detach(), out.detach(), cotangent(s), want_input=pass_down)
+        if vjp is None:
+            return None
+        found.update((id(p), g) for p, g in vjp.parameters)
+        if pass_down:
+            input_grad = vjp.input if input_grad is None else input_grad.add_(vjp.input)
+    if any(id(p) not in found for p in wanted):
+        return None  # a parameter outside these experts
+    return [found[id(p)] for p in wanted], input_grad
 
 
 def stacked_gradients(roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor],

@@ -434,10 +434,11 @@ class TaskAffinityComputer(nn.Module):
             grads = self._structured_task_grads(roots, rows, [params[k] for k in live])
         if grads is None:
             grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
-        row_index = torch.as_tensor(rows, device=device)
+        every_row = list(rows) == list(range(self.n_tasks))
+        row_index = slice(None) if every_row else torch.as_tensor(rows, device=device)  # a slice: no index_put
         for k, g in zip(live, grads):
             if g is not None:
-                out[row_index, offsets[k] : offsets[k + 1]] = g.reshape(len(rows), -1).float()
+                out[row_index, offsets[k] : offsets[k + 1]] = g.reshape(len(rows), -1)
         return out
 
     def _resolve_last_layers(

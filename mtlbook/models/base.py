@@ -80,6 +80,11 @@ class MixtureRecord:
         shared_feature: the shared gate's mixture :math:`f_s` (None without a shared gate).
         shared_input: :math:`u_s`, what the level's shared experts and shared gate read (the
             model input at the first level).
+        shared_experts: the modules that computed ``shared_outputs``, one call each on
+            ``shared_input`` (None where they ran stacked): lets the per-task backward through
+            them be written out (:mod:`mtlbook.expert_vjp`).
+        shared_gate: the shared gate's weights ``[B, n_s + n_t]`` (None without one); column
+            :math:`s < n_s` weighs :math:`S_s` in :math:`f_s`.
     """
 
     shared_outputs: list[Tensor]
@@ -87,6 +92,8 @@ class MixtureRecord:
     task_gates: Tensor | list[Tensor]
     shared_feature: Tensor | None
     shared_input: Tensor | None
+    shared_experts: list[nn.Module] | None = None
+    shared_gate: Tensor | None = None
 
 
 class _LastForward:

@@ -399,7 +399,8 @@ class PLE(MultiTaskModel):
                 gates = [weights[str(k)] for k in range(len(self.task_names))]
                 features = task_inputs if isinstance(task_inputs, Tensor) else list(task_inputs)
                 record.levels.append(
-                    MixtureRecord(shared_outputs, features, gates, shared_input, level_input)
+                    MixtureRecord(shared_outputs, features, gates, shared_input, level_input,
+                                  list(layer.shared_experts), weights.get("shared"))
                 )
         return task_inputs
 

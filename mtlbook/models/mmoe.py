@@ -93,7 +93,7 @@ class MMoE(MultiTaskModel):
             record.gate_weights[f"level0/{name}"] = weights
             gates.append(weights)
             features.append(mix_experts(weights, stacked))
-        record.levels = [MixtureRecord(outputs, features, gates, None, None)]
+        record.levels = [MixtureRecord(outputs, features, gates, None, x, list(self.experts))]
         return features
 
     def _task_features_bank(self, x: Tensor, record: _LastForward) -> Tensor:
