@@ -10,10 +10,12 @@ problem's) at batch 256 and 4 / 8 / 16 tasks:
 * ``autograd``: ``torch.autograd.grad(output, params, cotangents, retain_graph=True,
   is_grads_batched=True)`` through the recorded graph (``vmap`` over the backward).
 
-It checks that both give the same gradients first, and prints medians over rounds and their
-ratio. Nothing asserts on these timings.
+It checks that both give the same gradients first (``max_abs_diff``), then prints and writes
+(``benchmarks/results/expert_vjp.csv``; ``--copy-to`` for the book's copy) the medians over
+rounds of each block's time per call and of each round's ratio ``written / autograd``.
+Nothing asserts on these timings.
 
-    .venv/bin/python benchmarks/expert_vjp.py
+    .venv/bin/python benchmarks/expert_vjp.py --copy-to mtlbook/tables/expert_vjp.csv
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mtlbook.experiments.bench import write_rows  # noqa: E402
 from mtlbook.expert_vjp import expert_vjp  # noqa: E402
 from mtlbook.models.experts import Expert  # noqa: E402
+
+COLUMNS = ("n_tasks", "written_ms", "autograd_ms", "ratio", "max_abs_diff", "batch_size", "rounds", "threads")
 
 
 def block_ms(action, repeats: int) -> float:
@@ -48,6 +53,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_vjp.csv")
+    parser.add_argument("--copy-to", type=Path, default=None, help="also write the CSV here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -57,6 +64,7 @@ def main() -> int:
     output = expert(u)
     print(f"expert 32 -> 64 -> 32, batch {args.batch_size}, 1 thread, {args.rounds} rounds; ms per call")
     print(f"{'tasks':>5} {'written':>9} {'autograd':>9} {'ratio':>6} {'max |diff|':>11}")
+    rows = []
     for n_tasks in args.tasks:
         cotangents = torch.randn(n_tasks, args.batch_size, 32)
 
@@ -73,7 +81,12 @@ def main() -> int:
             for name, action in order if r % 2 == 0 else order[::-1]:
                 times[name].append(block_ms(action, args.block))
         w, a = statistics.median(times["written"]), statistics.median(times["autograd"])
-        print(f"{n_tasks:>5} {w:>9.3f} {a:>9.3f} {w / a:>6.2f} {diff:>11.1e}")
+        ratio = statistics.median(x / y for x, y in zip(times["written"], times["autograd"]))
+        print(f"{n_tasks:>5} {w:>9.3f} {a:>9.3f} {ratio:>6.2f} {diff:>11.1e}")
+        rows.append({"n_tasks": n_tasks, "written_ms": round(w, 4), "autograd_ms": round(a, 4), "ratio": round(ratio, 3),
+                     "max_abs_diff": diff, "batch_size": args.batch_size, "rounds": args.rounds, "threads": 1})  # fmt: skip
+    for path in [args.out] + ([args.copy_to] if args.copy_to else []):
+        print("wrote", write_rows(path, rows, COLUMNS))
     return 0
 
 
