@@ -74,8 +74,9 @@ def _layers(expert: nn.Module) -> list[tuple[nn.Linear, bool]] | None:
 
 
 @torch.no_grad()
-def expert_vjp(expert: nn.Module, u: Tensor, output: Tensor, cotangents: Tensor,
-               want_input: bool = False) -> ExpertVJP | None:  # fmt: skip
+def expert_vjp(
+    expert: nn.Module, u: Tensor, output: Tensor, cotangents: Tensor, want_input: bool = False
+) -> ExpertVJP | None:
     r"""Every task's gradient on ``expert``'s parameters (and input) for one batch.
 
     Args:
@@ -92,12 +93,12 @@ def expert_vjp(expert: nn.Module, u: Tensor, output: Tensor, cotangents: Tensor,
     layers = _layers(expert)
     if layers is None or u.dim() != 2 or cotangents.dim() != 3:
         return None
-    dtype = output.dtype
-    if any(p.dtype != dtype for p in expert.parameters()) or u.dtype != dtype or cotangents.dtype != dtype:
+    dtypes = {output.dtype, u.dtype, cotangents.dtype} | {p.dtype for p in expert.parameters()}
+    if len(dtypes) > 1:
         return None  # autocast or mixed dtypes: the recorded graph is the reference
     if any(m._forward_hooks or m._forward_pre_hooks for m in expert.modules()):
         return None
-    # forward again, keeping what every task's backward shares: z_{j-1} and the ReLU masks
+    # forward again, keeping what every task's backward shares: z_{j-1}, ReLU masks
     inputs, masks = [], []
     z = u
     for linear, relu in layers:
@@ -117,16 +118,19 @@ def expert_vjp(expert: nn.Module, u: Tensor, output: Tensor, cotangents: Tensor,
     for j in reversed(range(len(layers))):
         linear, _ = layers[j]
         z_in = inputs[j]
-        # dL_k/dW_j = Delta_kj^T z_{j-1}: one batched matmul, z_{j-1} broadcast (no copy)
+        # dL_k/dW_j = Delta_kj^T z_{j-1}: one batched matmul, z_{j-1} broadcast
         if linear.bias is not None:
             grads.append((linear.bias, delta.sum(1)))
-        grads.append((linear.weight, torch.bmm(delta.transpose(1, 2), z_in.expand(n_tasks, *z_in.shape))))
+        z_batched = z_in.expand(n_tasks, *z_in.shape)  # a view, no copy
+        grads.append((linear.weight, torch.bmm(delta.transpose(1, 2), z_batched)))
         if j > 0 or want_input:
             # Delta W_j for every task and row at once: [K*B, d_j] @ [d_j, d_{j-1}]
-            back = (delta.reshape(-1, delta.shape[-1]) @ linear.weight).view(n_tasks, *z_in.shape)
+            back = delta.reshape(-1, delta.shape[-1]) @ linear.weight
+            back = back.view(n_tasks, *z_in.shape)
             if j > 0:
                 mask = masks[j - 1]
-                delta = back.mul_(mask) if mask is not None else back  # in place: one [K, B, d] buffer less
+                # in place: one [K, B, d] buffer less
+                delta = back.mul_(mask) if mask is not None else back
             else:
                 input_grad = back
     return ExpertVJP(grads[::-1], input_grad)
