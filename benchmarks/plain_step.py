@@ -31,6 +31,14 @@ CPU; ``bank_matmul_over_floor`` says how far that is from the FLOP floor below, 
 ``bank_over_matmul`` how much of the step is everything else (elementwise work, the optimizer,
 framework overhead).
 
+``bank_fixed_ms`` is the bank step at batch 2 (the same model, losses and optimizer, two rows
+per batch): the same ops and autograd nodes (tested) with next to no arithmetic, i.e. what
+eager PyTorch charges for launching this step's few hundred ops whatever the batch.
+``bank_bound_over_floor`` is ``(bank_fixed_ms + floor_ms) / floor_ms``: one thread launches
+the ops and does the arithmetic one after the other, and the arithmetic takes at least the
+floor, so no batch-256 step made of these ops can be faster (a lower bound for this code in
+eager mode; only fewer ops, fused by hand or by a compiler, can go below it).
+
 The FLOP floor is ``step_mflop / matmul_gflops``, with ``step_mflop`` the forward plus
 backward FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
 only; the optimizer's elementwise work is not counted, which makes the floor optimistic). The
@@ -72,7 +80,8 @@ from mtlbook.train.optim import adamw_implementation  # noqa: E402
 COLUMNS = (
     "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "bank_step_mflop", "matmul_gflops", "floor_ms",
     "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms",
-    "bank_matmul_ms", "n_matmuls", "bank_matmul_over_floor", "bank_over_matmul", "rounds", "block_steps", "threads",
+    "bank_matmul_ms", "n_matmuls", "bank_matmul_over_floor", "bank_over_matmul", "bank_fixed_ms",
+    "bank_fixed_over_floor", "bank_bound_over_floor", "rounds", "block_steps", "threads",
     "batch_size",
 )  # fmt: skip
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
@@ -167,6 +176,10 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     a, b = torch.randn(256, 512), torch.randn(512, 512)
     matmul_flop = 2 * 256 * 512 * 512
     bank_matmuls, n_matmuls = matmul_replay(bank)
+    # the same step at batch 2: the same ops, next to no arithmetic (the step's fixed cost; at
+    # batch 1 autograd skips the bias gradients' sums over the batch, so that would be fewer ops)
+    tiny = make_problem(n_tasks, batch_size=2)
+    bank_fixed = Stepper(to_bank(tiny.model), tiny.batches, tiny.task_specs, fast_path=True)
     actions: dict[str, Callable[[], None]] = {
         "module": module.step,
         "bank": bank.step,
@@ -174,6 +187,7 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "optimizer": module.optimizer.step,  # grads from the module steps
         "bank_optimizer": bank.optimizer.step,
         "bank_matmul": bank_matmuls,
+        "bank_fixed": bank_fixed.step,
         "matmul": lambda: torch.mm(a, b),
     }
     for action in actions.values():  # warm-up
@@ -189,6 +203,9 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     gflops = matmul_flop / med["matmul"] / 1e9
     floor_ms = flops / (gflops * 1e9) * 1e3
     module_ms, bank_ms = med["module"] * 1e3, med["bank"] * 1e3
+    # one thread runs the launches and the arithmetic one after the other, and the arithmetic
+    # needs at least the floor: fixed cost + floor bounds this sequence of ops from below
+    bound_ms = med["bank_fixed"] * 1e3 + floor_ms
     return {
         "n_tasks": n_tasks,
         "module_ms": round(module_ms, 3),
@@ -207,6 +224,9 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "n_matmuls": n_matmuls,
         "bank_matmul_over_floor": round(med["bank_matmul"] * 1e3 / floor_ms, 2),
         "bank_over_matmul": round(bank_ms / (med["bank_matmul"] * 1e3), 2),
+        "bank_fixed_ms": round(med["bank_fixed"] * 1e3, 3),
+        "bank_fixed_over_floor": round(med["bank_fixed"] * 1e3 / floor_ms, 2),
+        "bank_bound_over_floor": round(bound_ms / floor_ms, 2),
         "rounds": args.rounds,
         "block_steps": args.block,
         "threads": args.threads,
@@ -239,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             f"per-task losses and foreach AdamW) | speedup {row['speedup']:.2f} | "
             f"floor {row['floor_ms']:.2f} ms ({row['step_mflop']:.0f} MFLOP at {row['matmul_gflops']:.0f} GFLOP/s) | "
             f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | "
-            f"bank matmuls alone {row['bank_matmul_ms']:.2f} ms ({row['bank_matmul_over_floor']:.1f}x floor)",
+            f"bank matmuls alone {row['bank_matmul_ms']:.2f} ms ({row['bank_matmul_over_floor']:.1f}x floor) | "
+            f"bank at batch 2 {row['bank_fixed_ms']:.2f} ms ({row['bank_fixed_over_floor']:.1f}x floor); "
+            f"bound {row['bank_bound_over_floor']:.1f}x floor",
             flush=True,
         )
     if not args.quick:

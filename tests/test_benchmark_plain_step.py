@@ -82,3 +82,29 @@ def test_matmul_replay_keeps_the_steps_matmuls_and_their_layouts(ps):
         rebuilt = ps._like(layout)
         assert (tuple(rebuilt.shape), rebuilt.stride()) == (tuple(layout[0]), layout[1])
     run()  # runs on its own, without the model
+
+
+def test_a_batch_of_two_runs_the_same_ops_as_the_full_batch(ps):
+    """``bank_fixed_ms`` is the step's fixed cost only if its batch of two launches the same ops
+    (a batch of one does not: autograd then skips the bias gradients' sums over the batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    names = []
+    for batch_size in (2, 64):
+        problem = ps.make_problem(4, batch_size=batch_size, n_batches=2)
+        stepper = ps.Stepper(to_bank(problem.model), problem.batches, problem.task_specs, fast_path=True)
+        stepper.step()  # the optimizer's state exists from here on
+        with OpNames() as recorder:
+            stepper.step()
+        names.append(recorder.names)
+    assert len(names[0]) > 100
+    assert names[0] == names[1]
