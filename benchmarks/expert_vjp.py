@@ -23,28 +23,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from mtlbook.experiments.bench import write_rows  # noqa: E402
+from plain_step import time_block  # noqa: E402
+from mtlbook.experiments.bench import round_ratios, write_rows  # noqa: E402
 from mtlbook.expert_vjp import expert_vjp  # noqa: E402
 from mtlbook.models.experts import Expert  # noqa: E402
 
 COLUMNS = ("n_tasks", "written_ms", "autograd_ms", "ratio", "max_abs_diff", "batch_size", "rounds", "threads")
-
-
-def block_ms(action, repeats: int) -> float:
-    """Mean milliseconds of ``action()`` over a block of ``repeats`` calls."""
-    start = time.perf_counter()
-    for _ in range(repeats):
-        action()
-    return 1e3 * (time.perf_counter() - start) / repeats
 
 
 def main() -> int:
@@ -79,9 +72,9 @@ def main() -> int:
         for r in range(args.rounds):
             order = [("written", written), ("autograd", autograd)]
             for name, action in order if r % 2 == 0 else order[::-1]:
-                times[name].append(block_ms(action, args.block))
+                times[name].append(1e3 * time_block(action, args.block))
         w, a = statistics.median(times["written"]), statistics.median(times["autograd"])
-        ratio = statistics.median(x / y for x, y in zip(times["written"], times["autograd"]))
+        ratio = statistics.median(round_ratios(times, baseline="autograd")["written"])
         print(f"{n_tasks:>5} {w:>9.3f} {a:>9.3f} {ratio:>6.2f} {diff:>11.1e}")
         rows.append({"n_tasks": n_tasks, "written_ms": round(w, 4), "autograd_ms": round(a, 4), "ratio": round(ratio, 3),
                      "max_abs_diff": diff, "batch_size": args.batch_size, "rounds": args.rounds, "threads": 1})  # fmt: skip

@@ -78,6 +78,8 @@ from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook.expert_vjp import expert_vjp
+
 __all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "cut_gradients",
            "flat_task_gradients", "gradient_parts", "per_task_gradients", "stacked_gradients", "structured_gradients",
            "MixtureLevel", "losses_are_task_separable"]
@@ -286,17 +288,16 @@ class MixtureLevel(Protocol):
     task-private features :math:`F_k` (``[K, B, d]`` or one ``[B, d_k]`` per task), each task
     gate's weights (``[K, B, m]`` or one ``[B, m_k]`` per task; column :math:`s < n_s` weighs
     :math:`S_s`), the shared gate's mixture :math:`f_s` and the shared input :math:`u_s` its
-    shared experts read (``None`` where there is none, or at the input)."""
+    shared experts read (``None`` where there is none, or at the input). A level may also
+    carry ``shared_experts`` (the modules that computed :math:`S_s`) and ``shared_gate`` (the
+    shared gate's weights), read with ``getattr``: with them the backward through the shared
+    experts is written out (:mod:`mtlbook.expert_vjp`), without them it is autograd's."""
 
     shared_outputs: Sequence[Tensor]
     task_features: Tensor | Sequence[Tensor]
     task_gates: Tensor | Sequence[Tensor]
     shared_feature: Tensor | None
     shared_input: Tensor | None
-    # optional (read with getattr): the expert modules that computed shared_outputs, and the
-    # shared gate's weights; without them the backward through the experts is autograd's
-    # shared_experts: Sequence[nn.Module] | None
-    # shared_gate: Tensor | None
 
 
 def losses_are_task_separable(
@@ -456,8 +457,6 @@ def _written_out(
     its parameters are not shared experts'). Returns the gradients of ``wanted`` and, with
     ``pass_down``, :math:`\partial L_k / \partial u_s`.
     """
-    from mtlbook.expert_vjp import expert_vjp  # the models import this module
-
     experts = getattr(level, "shared_experts", None)
     u_s = level.shared_input
     if experts is None or u_s is None or len(experts) != len(level.shared_outputs):

@@ -52,9 +52,10 @@ width]``, task-major like everything else in the package).
   model's layers) is stacked inside the forward pass (``torch.stack``, whose backward
   splits the gradient back onto each Parameter): a copy of a few kB per layer and step.
   A PLE/CGC level's shared experts (one or two) are called one module at a time instead:
-  stacking so few saves nothing, and adaTT's per-task backward through them (``vmap`` over
-  the task axis, :func:`mtlbook.gradients.structured_gradients`) is then plain ``addmm``
-  backwards, which batch without transposed copies.
+  stacking so few saves nothing, and adaTT's per-task backward through them
+  (:func:`mtlbook.gradients.structured_gradients`) can then be written out
+  (:mod:`mtlbook.expert_vjp`, which recomputes each expert as a module call and needs the
+  recorded output to match it bit for bit).
 
 ``shared_parameters()``, ``freeze_gates``, ``shared_experts`` and ``last_shared_layers()``
 are those of the module form; ``gate_parameters()`` and ``task_parameters()`` hold the same

@@ -178,8 +178,8 @@ class ExtractionLevel(nn.Module):
         task_list = list(task_inputs.unbind(0)) if stacked_inputs is not None else list(task_inputs)
 
         # the shared experts one module call each: a level has few, so stacking their weights
-        # saves nothing, and adaTT's per-task backward through them (vmap over the task axis)
-        # then runs on plain addmm, which batches without transposed copies
+        # saves nothing, and adaTT's per-task backward through them can then be written out
+        # (mtlbook.expert_vjp recomputes each as a module call, bit for bit)
         shared_outputs = [expert(shared_input) for expert in self.shared_experts]
         single_shape = len(group_by(flat_task_experts, lambda e: (e.in_dim, e.hidden, e.out_dim))) == 1
         task_bank = ExpertBank(flat_task_experts) if flat_task_experts and single_shape else None
