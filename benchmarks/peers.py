@@ -10,6 +10,11 @@ configuration is a *whole training step* on its own copy of the same initial wei
 * ``mtlbook/structured``, ``mtlbook/cut``, ``mtlbook/loop``, ``mtlbook/batched``: the plain step with
   :class:`~mtlbook.adatt.TaskAffinityComputer` measuring every step (per-task gradients on
   every shared parameter, cosines, EMA) before the backward;
+* ``mtlbook/in-backward``: the structured mode inside the training backward
+  (:meth:`~mtlbook.adatt.TaskAffinityComputer.measure_in_backward`: the backward of
+  ``losses.sum()`` keeps the task features' cotangents on its way, so the measurement adds only
+  the pass through the shared experts, the cosines and the EMA); the same ``.grad`` as the plain
+  step, for a training objective that is the plain sum of the task losses;
 * ``torchjd``: ``torchjd.autojac.mtl_backward(losses, features=shared expert outputs)``, which
   fills the task heads' ``.grad`` and the shared parameters' per-task Jacobian ``.jac`` (one
   backward per task to the features, one batched backward through the shared experts);
@@ -87,7 +92,7 @@ COLUMNS = (
     "n_tasks", "config", "step_ms", "ratio", "ratio_q25", "ratio_q75", "peak_mb", "peak_ratio", "max_abs_diff_vs_loop",
     "step_mflop", "matmul_gflops", "floor_ms", "plain_over_floor", "rounds", "threads", "batch_size", "versions",
 )  # fmt: skip
-MEASURED = ("mtlbook/structured", "mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd", "libmtl/backward", "libmtl/autograd")
+MEASURED = ("mtlbook/structured", "mtlbook/in-backward", "mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd", "libmtl/backward", "libmtl/autograd")
 
 
 # --------------------------------------------------------------------------- peers
@@ -140,7 +145,8 @@ class Runner:
         self.computer = None
         self.affinity = None
         if name.startswith("mtlbook/"):
-            self.computer = TaskAffinityComputer(self.model.task_names, extraction=name.split("/")[1]).attach(self.model)
+            mode = "structured" if name == "mtlbook/in-backward" else name.split("/")[1]
+            self.computer = TaskAffinityComputer(self.model.task_names, extraction=mode).attach(self.model)
         elif name == "torchjd":
             self.mtl_backward = load_torchjd()
         elif name.startswith("libmtl/"):
@@ -161,6 +167,10 @@ class Runner:
     def gradients(self, batch) -> Tensor:
         """``G`` ``[n_tasks, d]`` of one batch without stepping (for the check)."""
         losses = self.losses(batch)
+        if self.name == "mtlbook/in-backward":
+            G = self.computer.gradients_in_backward(losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            return G
         if self.computer is not None:
             return self.computer.extract_gradients(losses)
         if self.name == "torchjd":
@@ -180,6 +190,8 @@ class Runner:
         losses = self.losses(batch)
         if self.name == "plain":
             losses.sum().backward()
+        elif self.name == "mtlbook/in-backward":
+            self.affinity = self.computer.measure_in_backward(losses)
         elif self.computer is not None:
             self.computer.measure(losses)
             losses.sum().backward()

@@ -82,7 +82,7 @@ from mtlbook.expert_vjp import expert_vjp
 
 __all__ = ["COSINE_FLOOR", "EXTRACTIONS", "TaskGradients", "as_parameter_list", "cosine_matrix", "cut_gradients",
            "flat_task_gradients", "gradient_parts", "per_task_gradients", "stacked_gradients", "structured_gradients",
-           "MixtureLevel", "losses_are_task_separable"]
+           "MixtureLevel", "FeatureCotangents", "losses_are_task_separable"]
 
 #: How :func:`stacked_gradients` takes the per-task gradients.
 EXTRACTIONS = ("batched", "loop", "cut", "structured")
@@ -322,6 +322,7 @@ def structured_gradients(
     levels: Sequence[MixtureLevel],
     params_by_level: Sequence[Sequence[Tensor]],
     chunk_size: int | None = None,
+    private: FeatureCotangents | None = None,
 ) -> list[list[Tensor | None]]:
     r"""Per-task gradients on the shared experts of a mixture model (the *structured* mode).
 
@@ -329,6 +330,9 @@ def structured_gradients(
     shared parameters of level :math:`l`. Returns, per level and parameter,
     ``[len(rows), *shape]`` (``None`` where no task reaches it). ``chunk_size`` takes the
     tasks that many at a time through the shared experts (less memory, same result).
+    ``private``: the features' cotangents kept during the caller's own backward of
+    :math:`\sum_k L_k` (:class:`FeatureCotangents`); then the backward to the features below
+    is not run a second time.
 
     **Premise.** :math:`L_k` reaches the model only through its own output :math:`y_k`
     (what :func:`losses_are_task_separable` checks; the caller checks it once per loss
@@ -362,7 +366,10 @@ def structured_gradients(
     live = [roots[k] for k in rows if roots[k].requires_grad]
     if not live:
         return [[None] * len(params) for params in params_by_level]
-    private = _private_cotangents(sum(live), levels, rows)  # per level [n, B, d]: dL_k / dF_k
+    if private is None:  # per level [n, B, d]: dL_k / dF_k
+        private_rows = _private_cotangents(sum(live), levels, rows)
+    else:
+        private_rows = private.rows(rows)
     # per level [n, B, m]: the gate columns of the shared experts are the first of every gate
     gates = [_rows(lv.task_gates if isinstance(lv.task_gates, Tensor)
                    else [g[:, : len(lv.shared_outputs)] for g in lv.task_gates], rows) for lv in levels]  # fmt: skip
@@ -370,7 +377,7 @@ def structured_gradients(
     parts = []
     for start in range(0, len(rows), step):
         chunk = slice(start, min(start + step, len(rows)))
-        parts.append(_descend(levels, [p[chunk] for p in private], [g[chunk] for g in gates], params_by_level))
+        parts.append(_descend(levels, [p[chunk] for p in private_rows], [g[chunk] for g in gates], params_by_level))
     if len(parts) == 1:
         return parts[0]
     # glue the chunks back together along the task axis
@@ -388,18 +395,62 @@ def _rows(per_task: Tensor | Sequence[Tensor], rows: Sequence[int]) -> Tensor:
     return torch.stack([per_task[k] for k in rows])
 
 
+def _feature_tensors(levels: Sequence[MixtureLevel]) -> list[list[Tensor]]:
+    """Per level, its task features as a list: one ``[K, B, d]`` tensor, or one ``[B, d_k]`` per task."""
+    return [[f] if isinstance(f, Tensor) else list(f) for f in (lv.task_features for lv in levels)]
+
+
+def _select_private(levels: Sequence[MixtureLevel], grads: Sequence[Tensor | None], rows: Sequence[int]) -> list[Tensor]:
+    """``grads`` (one per feature tensor of :func:`_feature_tensors`, None where unreached) as
+    ``[len(rows), B, d]`` per level."""
+    grads = iter(grads)
+    out = []
+    for level, features in zip(levels, _feature_tensors(levels)):
+        level_grads = [torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)]
+        out.append(_rows(level_grads[0] if isinstance(level.task_features, Tensor) else level_grads, rows))
+    return out
+
+
 def _private_cotangents(total: Tensor, levels: Sequence[MixtureLevel], rows: Sequence[int]) -> list[Tensor]:
     """``dL_k / dF_k`` per level, ``[len(rows), B, d]``, from one backward of ``total``."""
     # F_k reaches no other task's loss, so row k of d(sum_j L_j)/dF is dL_k/dF_k
-    per_level = [[f] if isinstance(f, Tensor) else list(f) for f in (lv.task_features for lv in levels)]
-    flat = [f for features in per_level for f in features]
-    grads = iter(torch.autograd.grad(total, flat, retain_graph=True, allow_unused=True))
-    out = []
-    for level, features in zip(levels, per_level):
-        level_grads = [torch.zeros_like(f) if g is None else g for f, g in zip(features, grads)]
-        # one [K, B, d] tensor, or one [B, d_k] tensor per task
-        out.append(_rows(level_grads[0] if isinstance(level.task_features, Tensor) else level_grads, rows))
-    return out
+    flat = [f for features in _feature_tensors(levels) for f in features]
+    return _select_private(levels, torch.autograd.grad(total, flat, retain_graph=True, allow_unused=True), rows)
+
+
+class FeatureCotangents:
+    r"""Keeps :math:`\partial \mathcal L / \partial F^{(l)}` of every level's task features
+    while the caller's own ``backward`` of :math:`\mathcal L = \sum_k L_k` runs (one tensor
+    hook per feature tensor, removed by :meth:`remove`).
+
+    :math:`F_k` reaches no other task's loss, so row :math:`k` of that cotangent is
+    :math:`\partial L_k / \partial F_k`: exactly what :func:`structured_gradients` would take
+    one more backward for. Kept during training's backward, the structured mode costs only its
+    pass through the shared experts. Correct only when the backward is of the plain sum of the
+    task losses (no transfer, balancer or regulariser terms reach the features).
+    """
+
+    def __init__(self, levels: Sequence[MixtureLevel]) -> None:
+        self.levels = list(levels)
+        flat = [f for features in _feature_tensors(self.levels) for f in features]
+        self.grads: list[Tensor | None] = [None] * len(flat)
+        self._handles = [f.register_hook(self._keeper(i)) for i, f in enumerate(flat) if f.requires_grad]
+
+    def _keeper(self, i: int):
+        def keep(grad: Tensor) -> None:
+            self.grads[i] = grad  # returns None: the backward goes on with grad unchanged
+
+        return keep
+
+    def remove(self) -> None:
+        """Remove the hooks (what was kept stays)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def rows(self, rows: Sequence[int]) -> list[Tensor]:
+        r"""Per level, ``[len(rows), B, d]``: :math:`\partial L_k / \partial F_k` for ``k`` in ``rows``."""
+        return _select_private(self.levels, self.grads, rows)
 
 
 def _descend(

@@ -43,7 +43,8 @@ def test_the_problem_is_a_cgc_with_a_clean_shared_trunk(problem):
 
 def test_mtlbook_modes_and_torchjd_compute_the_loops_gradients(peers, problem):
     """Every peer's ``G`` is the loop's to float rounding."""
-    names, _ = peers.available(("plain", "mtlbook/cut", "mtlbook/loop", "mtlbook/batched", "torchjd"))
+    names, _ = peers.available(("plain", "mtlbook/structured", "mtlbook/in-backward", "mtlbook/cut", "mtlbook/loop",
+                                "mtlbook/batched", "torchjd"))  # fmt: skip
     assert "torchjd" in names  # in the book's lock
     diffs = peers.gradient_check(problem, names)
     assert math.isnan(diffs["plain"])

@@ -157,9 +157,9 @@ def test_the_computer_and_adatt_take_a_chunk_size(monkeypatch):
 
     seen = []
 
-    def spy(*args, chunk_size=None):
+    def spy(*args, chunk_size=None, **kwargs):
         seen.append(chunk_size)
-        return structured_gradients(*args, chunk_size=chunk_size)
+        return structured_gradients(*args, chunk_size=chunk_size, **kwargs)
 
     monkeypatch.setattr(affinity_module, "structured_gradients", spy)
     assert_same(computer.extract_gradients(losses), whole)

@@ -42,6 +42,7 @@ from mtlbook.adatt._checks import (  # also imported from here by prior.py and t
 )
 from mtlbook.gradients import (
     EXTRACTIONS,
+    FeatureCotangents,
     cosine_matrix,
     losses_are_task_separable,
     stacked_gradients,
@@ -397,10 +398,10 @@ class TaskAffinityComputer(nn.Module):
         outputs = self._outputs.outputs if self._outputs is not None else None
         return stacked_gradients(roots, rows, inputs, self._mode, outputs)
 
-    def _structured_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int],
-                               params: Sequence[Tensor]) -> list[Tensor | None] | None:  # fmt: skip
-        """:func:`~mtlbook.gradients.structured_gradients` for ``params``, or None where the
-        model recorded no mixture levels or a loss mixes tasks (the caller then cuts)."""
+    def _structured_plan(self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor]):
+        """``(levels, params_by_level)`` for :func:`~mtlbook.gradients.structured_gradients`, or
+        None where the model recorded no mixture levels, ``params`` are not all its shared
+        experts' or a loss mixes tasks (the caller then cuts)."""
         model = self._model_ref() if self._model_ref is not None else None
         levels = getattr(model, "mixture_levels", None)
         outputs = self._outputs.outputs if self._outputs is not None else []
@@ -414,24 +415,54 @@ class TaskAffinityComputer(nn.Module):
             self._separable = losses_are_task_separable(roots, rows, outputs)
         if not self._separable:
             return None
-        result = structured_gradients(roots, rows, levels, by_level, chunk_size=self.chunk_size)
+        return levels, by_level
+
+    def _structured_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor],
+                               plan=None, private: FeatureCotangents | None = None) -> list[Tensor | None] | None:  # fmt: skip
+        """:func:`~mtlbook.gradients.structured_gradients` for ``params``, or None (see :meth:`_structured_plan`)."""
+        plan = plan or self._structured_plan(roots, rows, params)
+        if plan is None:
+            return None
+        levels, by_level = plan
+        result = structured_gradients(roots, rows, levels, by_level, chunk_size=self.chunk_size, private=private)
         found = {id(p): g for level, grads in zip(by_level, result) for p, g in zip(level, grads)}
         return [found[id(p)] for p in params]
 
     def _parameter_gradients(
-        self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device
+        self, roots: Sequence[Tensor], rows: Sequence[int], params: Sequence[Tensor], device: torch.device,
+        backward: Tensor | None = None,
     ) -> Tensor:
+        """``G`` on ``params``; with ``backward`` (a scalar: the plain sum of the task losses),
+        also run ``backward.backward()``, keeping the features' cotangents on the way when the
+        structured mode applies (:class:`~mtlbook.gradients.FeatureCotangents`)."""
         sizes = [p.numel() for p in params]
         out = torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
         live = [k for k, p in enumerate(params) if p.requires_grad]  # frozen ones stay zero
-        if not rows or not live:
-            return out
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
         grads = None
-        if self._mode == "structured":
-            grads = self._structured_task_grads(roots, rows, [params[k] for k in live])
+        plan = None
+        if rows and live and self._mode == "structured":
+            plan = self._structured_plan(roots, rows, [params[k] for k in live])
+        if backward is not None:
+            if plan is None:  # measure first (from the graph), then the caller's backward
+                if rows and live:
+                    grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
+                backward.backward()
+            else:
+                kept = FeatureCotangents(plan[0])
+                try:
+                    # the graph is kept until the caller drops the losses: a level whose experts
+                    # are not written out differentiates it once more
+                    backward.backward(retain_graph=True)
+                finally:
+                    kept.remove()
+                grads = self._structured_task_grads(roots, rows, [params[k] for k in live], plan, kept)
+        elif plan is not None:
+            grads = self._structured_task_grads(roots, rows, [params[k] for k in live], plan)
+        if not rows or not live:
+            return out
         if grads is None:
             grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
         every_row = list(rows) == list(range(self.n_tasks))
@@ -540,8 +571,11 @@ class TaskAffinityComputer(nn.Module):
             if not isinstance(gradients, Tensor) or gradients.dim() != 2 or gradients.shape[0] != n:
                 raise ValueError(f"gradients must have shape [{n}, d], got {tuple(getattr(gradients, 'shape', ()))}")
             grads = gradients.detach().to(device=device, dtype=self.affinity.dtype)
-            observed &= torch.isfinite(grads).all(dim=1) & (grads.norm(dim=1) > 0)
-            current = cosine_matrix(torch.nan_to_num(grads))
+            # a row's largest |g| is NaN or inf exactly when the row holds one (amax propagates
+            # NaN); one reduction instead of isfinite's four passes over G
+            finite = torch.isfinite(grads.abs().amax(dim=1)) if grads.shape[1] else torch.ones_like(observed)
+            observed &= finite & (grads.norm(dim=1) > 0)
+            current = cosine_matrix(grads if bool(finite.all()) else torch.nan_to_num(grads))
         else:
             if not isinstance(cosine, Tensor) or cosine.shape != (n, n):
                 raise ValueError(f"cosine must have shape [{n}, {n}], got {tuple(getattr(cosine, 'shape', ()))}")
@@ -570,6 +604,50 @@ class TaskAffinityComputer(nn.Module):
         roots = loss_roots(task_losses, self.n_tasks)
         mask = as_presence(present, self.n_tasks, roots[0].device)
         gradients = self.extract_gradients(task_losses, present=mask)
+        return self.update(gradients, mask).clone()
+
+    @torch.compiler.disable
+    def gradients_in_backward(self, task_losses: Tensor | Sequence[Tensor],
+                              present: Tensor | Sequence[bool] | None = None) -> Tensor:  # fmt: skip
+        r"""``G`` ``[n_tasks, d]`` as :meth:`extract_gradients` gives it, and the training backward
+        of :math:`\mathcal L = \sum_k L_k` (all entries of ``task_losses``, as
+        ``losses.sum().backward()`` runs it: ``.grad`` accumulates exactly the same values).
+
+        In the structured mode the backward keeps the cotangents of the task features on its
+        way (:class:`~mtlbook.gradients.FeatureCotangents`), so :math:`G` costs only the pass
+        through the shared experts: the backward to the features, which :meth:`measure` runs
+        on its own before the caller's, is the training backward itself. Every other mode (and
+        ``parameter_set="last_layer"``) measures first and then runs the same backward. Only for
+        a plain sum: where the objective has more terms (adaTT's transfer, a balancer's weights,
+        a gate regulariser), measure before building it with :meth:`measure`.
+        """
+        if self._model_ref is None:
+            raise ValueError("gradients_in_backward needs attach(model) first")
+        total = as_loss_vector(task_losses, self.n_tasks).sum() if isinstance(task_losses, Tensor) else sum(
+            loss_roots(task_losses, self.n_tasks))
+        if not total.requires_grad:
+            raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
+        roots = loss_roots(task_losses, self.n_tasks)
+        device = roots[0].device
+        mask = as_presence(present, self.n_tasks, device)
+        rows = [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
+        if self.parameter_set == "last_layer":
+            layers, calls = self._resolve_last_layers(None, None, None)
+            gradients = self._last_layer_gradients(roots, rows, layers, calls, device)
+            total.backward()
+            return gradients
+        params = self._shared_parameters
+        if self.parameter_set == "weights":
+            params = [p for p in params if p.dim() >= 2]
+        return self._parameter_gradients(roots, rows, params, device, backward=total)
+
+    def measure_in_backward(self, task_losses: Tensor | Sequence[Tensor],
+                            present: Tensor | Sequence[bool] | None = None) -> Tensor:  # fmt: skip
+        """:meth:`measure` and the caller's ``losses.sum().backward()`` in one: the same
+        affinity update, the same ``.grad``, one backward to the task features fewer
+        (:meth:`gradients_in_backward`). Returns a copy of ``A``."""
+        mask = as_presence(present, self.n_tasks, loss_roots(task_losses, self.n_tasks)[0].device)
+        gradients = self.gradients_in_backward(task_losses, mask)
         return self.update(gradients, mask).clone()
 
     def forward(self, task_losses: Tensor, present: Tensor | None = None) -> Tensor:  # noqa: D401
