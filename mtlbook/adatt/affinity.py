@@ -217,6 +217,10 @@ class TaskAffinityComputer(nn.Module):
         losses = torch.stack([...])          # [n_tasks], graph kept
         computer.measure(losses, present)    # every grad_interval steps
         losses.sum().backward()              # the trainer's backward still works
+
+    Where the objective is that plain sum (no transfer loss built from this step's affinity),
+    ``computer.measure_in_backward(losses, present)`` does both in one backward
+    (:meth:`gradients_in_backward`).
     """
 
     affinity: Tensor
