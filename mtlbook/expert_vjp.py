@@ -93,10 +93,14 @@ def expert_vjp(
     layers = _layers(expert)
     if layers is None or u.dim() != 2 or cotangents.dim() != 3:
         return None
-    dtypes = {output.dtype, u.dtype, cotangents.dtype} | {p.dtype for p in expert.parameters()}
+    # _layers accepted only Linear, ReLU, Identity and eval-mode Dropout: the Linears hold every
+    # parameter, and these modules (listed directly, no recursive walk) are all there is
+    dtypes = {output.dtype, u.dtype, cotangents.dtype}
+    dtypes.update(p.dtype for linear, _ in layers for p in (linear.weight, linear.bias) if p is not None)
     if len(dtypes) > 1:
         return None  # autocast or mixed dtypes: the recorded graph is the reference
-    if any(m._forward_hooks or m._forward_pre_hooks for m in expert.modules()):
+    modules = (expert, expert.body, *expert.body, expert.output_layer, expert.output_activation)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
         return None
     # forward again, keeping what every task's backward shares: z_{j-1}, ReLU masks
     inputs, masks = [], []
