@@ -440,11 +440,7 @@ class TaskAffinityComputer(nn.Module):
         also run ``backward.backward()``, keeping the features' cotangents on the way when the
         structured mode applies (:class:`~mtlbook.gradients.FeatureCotangents`)."""
         sizes = [p.numel() for p in params]
-        out = torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
         live = [k for k, p in enumerate(params) if p.requires_grad]  # frozen ones stay zero
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
         grads = None
         plan = None
         if rows and live and self._mode == "structured":
@@ -466,10 +462,16 @@ class TaskAffinityComputer(nn.Module):
         elif plan is not None:
             grads = self._structured_task_grads(roots, rows, [params[k] for k in live], plan)
         if not rows or not live:
-            return out
+            return torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
         if grads is None:
             grads = self._batched_task_grads(roots, rows, [params[k] for k in live])
         every_row = list(rows) == list(range(self.n_tasks))
+        if every_row and len(live) == len(params) and all(g is not None for g in grads):
+            return torch.cat([g.reshape(len(rows), -1).float() for g in grads], dim=1)  # one op, not a copy each
+        out = torch.zeros(self.n_tasks, sum(sizes), dtype=torch.float32, device=device)
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
         row_index = slice(None) if every_row else torch.as_tensor(rows, device=device)  # a slice: no index_put
         for k, g in zip(live, grads):
             if g is not None:
@@ -594,8 +596,8 @@ class TaskAffinityComputer(nn.Module):
                 raise ValueError(f"observed_pairs must be a bool tensor of shape [{n}, {n}] or None")
             pair = pair & observed_pairs.to(device)
         blended = self.ema_decay * self.affinity + (1.0 - self.ema_decay) * current
-        new = torch.where(pair & self.pair_observed, blended, self.affinity)
-        new = torch.where(pair & ~self.pair_observed, current, new)
+        # observed before: blend; first observation: take C; pair not observed now: keep A
+        new = torch.where(pair, torch.where(self.pair_observed, blended, current), self.affinity)
         self.affinity.copy_(new.clamp(-1.0, 1.0))
         self.pair_observed |= pair
         self.n_updates += 1
