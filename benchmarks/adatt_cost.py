@@ -5,7 +5,7 @@ For a PLE on the many-task synthetic suite (:func:`mtlbook.data.make_suite_regim
 
     forward -> per-task losses -> [affinity measurement] -> sum().backward() -> AdamW.step()
 
-in 23 configurations: the plain step, and the step with a
+in 27 configurations: the plain step, and the step with a
 :class:`~mtlbook.adatt.TaskAffinityComputer` for every combination of
 
 * ``extraction``: ``"batched"`` (one ``autograd.grad`` with ``is_grads_batched=True``; what
@@ -13,7 +13,11 @@ in 23 configurations: the plain step, and the step with a
   graph), ``"cut"`` (per task, the cotangents of the model outputs, then one backward from
   the task's own outputs) or ``"structured"`` (one backward to each task's own features,
   then one backward through the shared experts batched over the tasks; not with
-  ``"last_layer"``, where it is the cut);
+  ``"last_layer"``, where it is the cut) or ``"in-backward"`` (the structured mode inside the
+  training backward, :meth:`~mtlbook.adatt.TaskAffinityComputer.measure_in_backward`: the
+  backward of ``losses.sum()`` keeps the task features' cotangents, so only the pass through
+  the shared experts is added; possible because this objective is the plain sum; not with
+  ``"last_layer"`` either);
 * ``parameter_set``: ``"all"`` shared parameters, ``"weights"`` (matrices only) or
   ``"last_layer"`` (the last Linear of each last-level shared expert);
 * ``interval``: measure every step (1) or every 10th step (10).
@@ -85,7 +89,9 @@ from mtlbook.data import Batch
 from mtlbook.losses import task_losses
 from mtlbook.models import PLE
 
-EXTRACTIONS = ("structured", "cut", "loop", "batched")
+EXTRACTIONS = ("structured", "in-backward", "cut", "loop", "batched")
+#: extractions that need the shared experts' parameters (with ``last_layer`` they would be the cut)
+WHOLE_EXPERTS = ("structured", "in-backward")
 PARAMETER_SETS = ("all", "weights", "last_layer")
 INTERVALS = (1, 10)
 FAITHFUL_AGREEMENT = 0.9
@@ -137,7 +143,7 @@ def configurations(
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"intervals must be ints >= 1, got {k!r}")
     return [Config()] + [Config(e, p, k) for k in intervals for e in extractions for p in parameter_sets
-                         if not (e == "structured" and p == "last_layer")]  # that one is the cut
+                         if not (e in WHOLE_EXPERTS and p == "last_layer")]  # that one is the cut
 
 
 # --------------------------------------------------------------------------- problem
@@ -156,8 +162,9 @@ class StepRunner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, foreach=True)  # as the trainer
         self.computer: TaskAffinityComputer | None = None
         if config.measures:
+            extraction = "structured" if config.extraction == "in-backward" else config.extraction
             self.computer = TaskAffinityComputer(
-                self.model.task_names, extraction=config.extraction, parameter_set=config.parameter_set
+                self.model.task_names, extraction=extraction, parameter_set=config.parameter_set
             ).attach(self.model)
             self.computer.to(next(self.model.parameters()).device)
         self.steps_taken = 0
@@ -172,13 +179,17 @@ class StepRunner:
         if measure is None:
             measure = self.config.measures and self.steps_taken % self.config.interval == 0
         losses = self.forward_losses(batch)
-        if measure:
-            if self.computer is None:
-                raise ValueError("the plain configuration cannot measure")
-            self.computer.measure(losses)
-            self.measurements += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        if measure and self.computer is None:
+            raise ValueError("the plain configuration cannot measure")
+        if measure and self.config.extraction == "in-backward":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.computer.measure_in_backward(losses)  # the training backward, measuring on its way
+        else:
+            if measure:
+                self.computer.measure(losses)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+        self.measurements += int(measure)
         self.optimizer.step()
         self.steps_taken += 1
 
@@ -424,7 +435,7 @@ def memory_peaks(problem: Problem, repeats: int) -> dict[str, float]:
              "forward": forward_peak(plain, repeats=repeats)}  # fmt: skip
     for e in EXTRACTIONS:
         for p in PARAMETER_SETS:
-            if e == "structured" and p == "last_layer":
+            if e in WHOLE_EXPERTS and p == "last_layer":
                 continue
             peaks[f"{e}/{p}"] = step_peak(StepRunner(problem, Config(e, p, 1)), measure=True, repeats=repeats)
     return peaks
@@ -541,12 +552,13 @@ def ratio_table(rows: Sequence[dict[str, object]]) -> str:
 def aim_verdict(rows: Sequence[dict[str, object]], n_tasks: int | None = None) -> dict[str, object]:
     """The cheapest faithful (``agreement_ema >= 0.9``, ``"all"`` counts as 1) every-step
     configuration at the largest task count, its interval-10 twin, and whether the aims
-    (<= 1.5x and <= 1.1x) are met."""
+    (<= 1.5x and <= 1.1x) are met. The aims are adaTT's, which measures before its objective
+    exists, so ``in-backward`` (for a plain-sum objective only) is not a candidate."""
     counts = sorted({int(r["n_tasks"]) for r in rows})
     if not counts:
         raise ValueError("rows is empty")
     n = counts[-1] if n_tasks is None else n_tasks
-    at_n = [r for r in rows if int(r["n_tasks"]) == n and int(r["interval"]) == 1]
+    at_n = [r for r in rows if int(r["n_tasks"]) == n and int(r["interval"]) == 1 and r["extraction"] != "in-backward"]
 
     def faithful(r: dict[str, object]) -> bool:
         return r["parameter_set"] == "all" or float(r["agreement_ema"]) >= FAITHFUL_AGREEMENT

@@ -38,11 +38,12 @@ def test_configurations_cover_every_combination_once(bench):
     configs = bench.configurations()
     names = [c.name for c in configs]
     assert names[0] == "plain" and not configs[0].measures
-    # extractions x parameter sets x intervals, less structured/last_layer (that one is the cut)
-    assert len(names) == len(set(names)) == 1 + (4 * 3 - 1) * 2
+    # extractions x parameter sets x intervals, less structured/last_layer and in-backward/last_layer (the cut)
+    assert len(names) == len(set(names)) == 1 + (5 * 3 - 2) * 2
     assert {(c.extraction, c.parameter_set, c.interval) for c in configs[1:]} == {
-        (e, p, k) for e in ("structured", "cut", "loop", "batched") for p in ("all", "weights", "last_layer")
-        for k in (1, 10) if (e, p) != ("structured", "last_layer")
+        (e, p, k) for e in ("structured", "in-backward", "cut", "loop", "batched")
+        for p in ("all", "weights", "last_layer") for k in (1, 10)
+        if (e, p) not in (("structured", "last_layer"), ("in-backward", "last_layer"))
     }
     with pytest.raises(ValueError, match="extractions"):
         bench.configurations(extractions=("fast",))
@@ -169,6 +170,8 @@ def test_aim_verdict_picks_the_cheapest_faithful_mode(bench):
         _row(bench, 16, "batched", "last_layer", 1, 1.1, 0.5),  # cheaper, but not faithful
         _row(bench, 16, "batched", "last_layer", 10, 1.01, 0.5),
         _row(bench, 4, "batched", "last_layer", 1, 0.5, 0.99),  # other task count: ignored
+        _row(bench, 16, "in-backward", "all", 1, 1.05, 1.0),  # cheaper, but adaTT cannot use it
+        _row(bench, 16, "in-backward", "all", 10, 1.0, 1.0),
     ]
     verdict = bench.aim_verdict(rows)
     assert verdict["n_tasks"] == 16 and verdict["mode"] == "batched/weights"
