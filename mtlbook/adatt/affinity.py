@@ -388,6 +388,11 @@ class TaskAffinityComputer(nn.Module):
         if self.parameter_set == "last_layer":
             layers, calls = self._resolve_last_layers(shared_outputs, last_layers, layer_inputs)
             return self._last_layer_gradients(roots, rows, layers, calls, device)
+        return self._parameter_gradients(roots, rows, self._parameter_set(shared_parameters), device)
+
+    def _parameter_set(self, shared_parameters: Sequence[nn.Parameter] | None = None) -> list[nn.Parameter]:
+        """The parameters ``G`` is taken on: ``shared_parameters`` (default: those of
+        :meth:`attach`), only the matrices for ``parameter_set="weights"``."""
         params = list(shared_parameters) if shared_parameters is not None else self._shared_parameters
         if not params:
             raise ValueError("shared_parameters is empty: pass them or call attach(model) first")
@@ -395,7 +400,7 @@ class TaskAffinityComputer(nn.Module):
             params = [p for p in params if p.dim() >= 2]
             if not params:
                 raise ValueError('parameter_set="weights" found no shared parameter with dim >= 2')
-        return self._parameter_gradients(roots, rows, params, device)
+        return params
 
     def _batched_task_grads(self, roots: Sequence[Tensor], rows: Sequence[int], inputs: Sequence[Tensor]) -> list[Tensor | None]:
         """For each tensor in ``inputs``: ``[len(rows), *shape]`` gradients of ``roots[rows]``, or None if unused."""
@@ -642,10 +647,7 @@ class TaskAffinityComputer(nn.Module):
             gradients = self._last_layer_gradients(roots, rows, layers, calls, device)
             total.backward()
             return gradients
-        params = self._shared_parameters
-        if self.parameter_set == "weights":
-            params = [p for p in params if p.dim() >= 2]
-        return self._parameter_gradients(roots, rows, params, device, backward=total)
+        return self._parameter_gradients(roots, rows, self._parameter_set(), device, backward=total)
 
     def measure_in_backward(self, task_losses: Tensor | Sequence[Tensor],
                             present: Tensor | Sequence[bool] | None = None) -> Tensor:  # fmt: skip
