@@ -28,11 +28,12 @@ one described by the book's source notes; it is not the architecture of that pap
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mtlbook.adatt._capture import LastLayerCapture, OutputCapture
 from mtlbook.adatt._checks import (  # also imported from here by prior.py and transfer.py
     as_presence,
     check_choice,
@@ -96,80 +97,6 @@ def loss_roots(task_losses: Tensor | Sequence[Tensor], n_tasks: int) -> list[Ten
     if len(items) != n_tasks or not all(isinstance(t, Tensor) and t.numel() == 1 for t in items):
         raise ValueError(f"task_losses must be a tensor [{n_tasks}] or a sequence of {n_tasks} scalar tensors")
     return [t.reshape(()) for t in items]
-
-
-# --------------------------------------------------------------------------- math
-# --------------------------------------------------------------------------- hooks
-class _LastLayerCapture:
-    """Forward hooks that remember, for each captured ``nn.Linear``, its input ``h`` and
-    its output ``u = h W^T + b`` (the pre-activation) from the latest forward pass.
-
-    A forward pre-hook on the model clears the store, so a layer called several times in
-    one forward (weight sharing) keeps every call of that forward, and nothing older.
-    Nothing is captured when the output does not require grad (``torch.no_grad``/eval).
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Linear]) -> None:
-        self.layers = list(layers)
-        self.calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.layers]
-        self.model_ref = weakref.ref(model)
-        self.handles = [model.register_forward_pre_hook(self._on_model_forward)]
-        for k, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_hook(self._make_hook(k)))
-
-    def __deepcopy__(self, memo: dict) -> "_LastLayerCapture":
-        # Shared, not copied: it holds live graph tensors, and the identity checks below
-        # make the hooks of a copied model inert.
-        return self
-
-    def _on_model_forward(self, module: nn.Module, *_: Any) -> None:
-        # copy.deepcopy(model) copies the hooks too: a copy's forward must not touch our store
-        if module is self.model_ref():
-            self._clear()
-
-    def _clear(self) -> None:
-        for calls in self.calls:
-            calls.clear()
-
-    def _make_hook(self, k: int) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if module is self.layers[k] and isinstance(output, Tensor) and output.requires_grad:
-                # h is only a value (no gradient needed); u must stay on the graph.
-                self.calls[k].append((inputs[0].detach(), output))
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self._clear()
-
-
-class _OutputCapture:
-    """A forward hook that keeps the model's outputs (the tensors of its output dict, list or
-    tuple, or the output tensor) from its latest forward pass with grad enabled: where the ``"cut"``
-    extraction splits the chain rule. A deep copy of the model does not touch the store."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model_ref = weakref.ref(model)
-        self.outputs: list[Tensor] = []
-        self.handle = model.register_forward_hook(self._hook)
-
-    def __deepcopy__(self, memo: dict) -> "_OutputCapture":
-        return self  # holds live graph tensors; the identity check makes a copy's hook inert
-
-    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if module is not self.model_ref():
-            return
-        if isinstance(output, dict):
-            output = list(output.values())
-        values = output if isinstance(output, (list, tuple)) else [output]
-        self.outputs = [y for y in values if isinstance(y, Tensor) and y.requires_grad]
-
-    def remove(self) -> None:
-        self.handle.remove()
-        self.outputs = []
 
 
 # --------------------------------------------------------------------------- module
@@ -251,8 +178,8 @@ class TaskAffinityComputer(nn.Module):
         # What attach() stores: plain Python containers, so nothing here becomes a
         # submodule or a parameter of this module (or enters its state_dict).
         self._shared_parameters: list[nn.Parameter] = []
-        self._capture: _LastLayerCapture | None = None
-        self._outputs: _OutputCapture | None = None
+        self._capture: LastLayerCapture | None = None
+        self._outputs: OutputCapture | None = None
         self._model_ref: weakref.ref | None = None
         self._separable: bool | None = None  # structured mode: do the losses separate by task?
 
@@ -298,7 +225,7 @@ class TaskAffinityComputer(nn.Module):
             layers = list(model.last_shared_layers())
             if not layers or not all(isinstance(layer, nn.Linear) for layer in layers):
                 raise TypeError("model.last_shared_layers() must return a non-empty list of nn.Linear")
-            self._capture = _LastLayerCapture(model, layers)
+            self._capture = LastLayerCapture(model, layers)
         else:
             if not hasattr(model, "shared_parameters"):
                 raise TypeError("model must expose shared_parameters()")
@@ -315,7 +242,7 @@ class TaskAffinityComputer(nn.Module):
                 raise ValueError(f'extraction="structured" needs the model\'s task order, '
                                  f'{tuple(getattr(model, "task_names", ()))}; got task_names={self.task_names}')  # fmt: skip
         if self._mode in ("cut", "structured"):
-            self._outputs = _OutputCapture(model)
+            self._outputs = OutputCapture(model)
         self._separable = None
         self._model_ref = weakref.ref(model)
         return self
@@ -377,18 +304,22 @@ class TaskAffinityComputer(nn.Module):
         (their inputs ``h``). The row is ``[W_1.flatten(), b_1, W_2.flatten(), b_2, ...]``,
         the same order as the full gradient on those parameters.
         """
-        n = self.n_tasks
-        roots = loss_roots(task_losses, n)
+        roots, rows = self._roots_and_rows(task_losses, present)
         device = roots[0].device
-        mask = as_presence(present, n, device)
-        if not any(r.requires_grad for r in roots):
-            raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
-        # Present tasks whose loss is a constant have a zero row, like absent ones.
-        rows = [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
         if self.parameter_set == "last_layer":
             layers, calls = self._resolve_last_layers(shared_outputs, last_layers, layer_inputs)
             return self._last_layer_gradients(roots, rows, layers, calls, device)
         return self._parameter_gradients(roots, rows, self._parameter_set(shared_parameters), device)
+
+    def _roots_and_rows(self, task_losses: Tensor | Sequence[Tensor],
+                        present: Tensor | Sequence[bool] | None) -> tuple[list[Tensor], list[int]]:  # fmt: skip
+        """The per-task scalar losses (:func:`loss_roots`) and the rows to compute: present
+        tasks whose loss is on the graph (a constant loss has a zero row, like an absent task)."""
+        roots = loss_roots(task_losses, self.n_tasks)
+        mask = as_presence(present, self.n_tasks, roots[0].device)
+        if not any(r.requires_grad for r in roots):
+            raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
+        return roots, [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
 
     def _parameter_set(self, shared_parameters: Sequence[nn.Parameter] | None = None) -> list[nn.Parameter]:
         """The parameters ``G`` is taken on: ``shared_parameters`` (default: those of
@@ -634,14 +565,10 @@ class TaskAffinityComputer(nn.Module):
         """
         if self._model_ref is None:
             raise ValueError("gradients_in_backward needs attach(model) first")
-        total = as_loss_vector(task_losses, self.n_tasks).sum() if isinstance(task_losses, Tensor) else sum(
-            loss_roots(task_losses, self.n_tasks))
-        if not total.requires_grad:
-            raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
-        roots = loss_roots(task_losses, self.n_tasks)
+        roots, rows = self._roots_and_rows(task_losses, present)
         device = roots[0].device
-        mask = as_presence(present, self.n_tasks, device)
-        rows = [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
+        # the caller's losses.sum(); a list of scalars is summed as given
+        total = as_loss_vector(task_losses, self.n_tasks).sum() if isinstance(task_losses, Tensor) else sum(roots)
         if self.parameter_set == "last_layer":
             layers, calls = self._resolve_last_layers(None, None, None)
             gradients = self._last_layer_gradients(roots, rows, layers, calls, device)
