@@ -39,6 +39,15 @@ the ops and does the arithmetic one after the other, and the arithmetic takes at
 floor, so no batch-256 step made of these ops can be faster (a lower bound for this code in
 eager mode; only fewer ops, fused by hand or by a compiler, can go below it).
 
+``compiled_ms`` is the bank step with its forward pass and losses compiled by ``torch.compile``
+(Inductor), as the trainer runs it with ``TrainerConfig(compile_forward=True)``
+(:mod:`mtlbook.train.compiled`; the backward call and fused AdamW stay as they are): the same
+arithmetic in fewer, fused ops, the way below the eager bound. ``compile_s`` is what its first
+step took: the compilation, from an empty Inductor cache (the script points
+``TORCHINDUCTOR_CACHE_DIR`` at a new temporary folder unless it is set; a second run of a
+reader's model reuses its cache and compiles faster).
+``--no-compile`` leaves it out.
+
 The FLOP floor is ``step_mflop / matmul_gflops``, with ``step_mflop`` the forward plus
 backward FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
 only; the optimizer's elementwise work is not counted, which makes the floor optimistic). The
@@ -56,9 +65,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -75,13 +86,14 @@ from mtlbook.experiments.bench import make_problem, write_rows  # noqa: E402
 from mtlbook.losses import task_losses  # noqa: E402
 from mtlbook.losses_grouped import grouped_task_losses  # noqa: E402
 from mtlbook.models import PLE, to_bank  # noqa: E402
+from mtlbook.train.compiled import forward_and_losses  # noqa: E402
 from mtlbook.train.optim import adamw_implementation  # noqa: E402
 
 COLUMNS = (
     "n_tasks", "module_ms", "bank_ms", "speedup", "step_mflop", "bank_step_mflop", "matmul_gflops", "floor_ms",
     "module_over_floor", "bank_over_floor", "optimizer_ms", "bank_optimizer_ms", "bank_per_task_ms",
     "bank_matmul_ms", "n_matmuls", "bank_matmul_over_floor", "bank_over_matmul", "bank_fixed_ms",
-    "bank_fixed_over_floor", "bank_bound_over_floor", "rounds", "block_steps", "threads",
+    "bank_fixed_over_floor", "bank_bound_over_floor", "compiled_ms", "compiled_over_floor", "compile_s", "rounds", "block_steps", "threads",
     "batch_size",
 )  # fmt: skip
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
@@ -93,11 +105,15 @@ class Stepper:
 
     ``fast_path=False``: per-task losses and foreach AdamW (the trainer's module form);
     ``True``: losses a group of tasks at a time and fused AdamW (the trainer's bank form).
+    ``compiled``: the forward pass and the losses compiled by ``torch.compile`` (the
+    trainer's ``compile_forward=True``).
     """
 
-    def __init__(self, model: PLE, batches, task_specs, lr: float = 5e-4, fast_path: bool = False) -> None:
+    def __init__(self, model: PLE, batches, task_specs, lr: float = 5e-4, fast_path: bool = False,
+                 compiled: bool = False) -> None:  # fmt: skip
         self.model, self.batches, self.task_specs = model, batches, task_specs
         self.losses = grouped_task_losses if fast_path else task_losses
+        self.forward_losses = forward_and_losses(lambda outputs, batch: self.losses(outputs, batch, task_specs), compiled)
         groups = [{"params": list(model.parameters())}]
         # the trainer's choice (foreach: torch's CPU default would be a Python loop over the tensors)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, **adamw_implementation(groups, fast_path))
@@ -107,7 +123,8 @@ class Stepper:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses(self.model(batch.inputs), batch, self.task_specs).sum().backward()
+        _, losses = self.forward_losses(self.model, batch)
+        losses.sum().backward()
 
     def step(self) -> None:
         self.forward_backward()
@@ -180,6 +197,12 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
     # batch 1 autograd skips the bias gradients' sums over the batch, so that would be fewer ops)
     tiny = make_problem(n_tasks, batch_size=2)
     bank_fixed = Stepper(to_bank(tiny.model), tiny.batches, tiny.task_specs, fast_path=True)
+    compiled = compile_s = None
+    if args.compile:
+        compiled = Stepper(copy.deepcopy(bank_model), problem.batches, problem.task_specs, fast_path=True, compiled=True)
+        start = time.perf_counter()
+        compiled.step()  # compiles
+        compile_s = time.perf_counter() - start
     actions: dict[str, Callable[[], None]] = {
         "module": module.step,
         "bank": bank.step,
@@ -190,6 +213,8 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "bank_fixed": bank_fixed.step,
         "matmul": lambda: torch.mm(a, b),
     }
+    if compiled is not None:
+        actions["compiled"] = compiled.step
     for action in actions.values():  # warm-up
         time_block(action, 3)
     times: dict[str, list[float]] = {name: [] for name in actions}
@@ -227,6 +252,9 @@ def run_task_count(n_tasks: int, args: argparse.Namespace, rng: random.Random) -
         "bank_fixed_ms": round(med["bank_fixed"] * 1e3, 3),
         "bank_fixed_over_floor": round(med["bank_fixed"] * 1e3 / floor_ms, 2),
         "bank_bound_over_floor": round(bound_ms / floor_ms, 2),
+        "compiled_ms": None if compiled is None else round(med["compiled"] * 1e3, 3),
+        "compiled_over_floor": None if compiled is None else round(med["compiled"] * 1e3 / floor_ms, 2),
+        "compile_s": None if compile_s is None else round(compile_s, 1),
         "rounds": args.rounds,
         "block_steps": args.block,
         "threads": args.threads,
@@ -243,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     parser.add_argument("--out", type=Path, default=ROOT / "mtlbook" / "tables" / "plain_step.csv")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out the compiled step (no torch.compile, no C++ compiler needed)")
     parser.add_argument("--quick", action="store_true", help="4 tasks, 2 rounds of 2 steps; writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.rounds, args.block = [4], 2, 2
     torch.set_num_threads(args.threads)
+    if args.compile:  # compile_s: a cold compilation, not one served from an earlier run's cache
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="plain_step_inductor_"))
     rng = random.Random(args.seed)
     rows = []
     for n_tasks in args.tasks:
@@ -261,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             f"AdamW alone {row['optimizer_ms']:.2f} ms (bank {row['bank_optimizer_ms']:.2f}) | "
             f"bank matmuls alone {row['bank_matmul_ms']:.2f} ms ({row['bank_matmul_over_floor']:.1f}x floor) | "
             f"bank at batch 2 {row['bank_fixed_ms']:.2f} ms ({row['bank_fixed_over_floor']:.1f}x floor); "
-            f"bound {row['bank_bound_over_floor']:.1f}x floor",
+            f"bound {row['bank_bound_over_floor']:.1f}x floor"
+            + ("" if row["compiled_ms"] is None else
+               f" | compiled {row['compiled_ms']:.2f} ms ({row['compiled_over_floor']:.1f}x floor; "
+               f"compiled in {row['compile_s']:.0f} s)"),
             flush=True,
         )
     if not args.quick:

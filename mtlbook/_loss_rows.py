@@ -104,6 +104,9 @@ def _check_float(value: Any, name: str, low: float, high: float = math.inf, low_
     return value
 
 
+# The two checks below read the data (a Python bool of a tensor): under torch.compile
+# (TrainerConfig.compile_forward) they run eagerly between graphs, without a graph-break warning.
+@torch.compiler.disable
 def _check_unit_interval(y: Tensor, name: str = "target") -> None:
     """Refuse binary labels outside ``[0, 1]`` (NaN passes: the trainer's NaN guard skips it).
 
@@ -114,6 +117,16 @@ def _check_unit_interval(y: Tensor, name: str = "target") -> None:
     if bool(bad.any()):
         value = float(y[bad][0])
         raise ValueError(f"{name} of a binary loss must hold labels in [0, 1] on present rows, got {value}")
+
+
+@torch.compiler.disable
+def _check_class_indices(y: Tensor, n_classes: int) -> None:
+    """Refuse class indices outside ``[0, n_classes)`` (on present rows: absent ones are filled with 0)."""
+    out_of_range = (y < 0) | (y >= n_classes)
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
+        )
 
 
 def _float_target(target: Tensor, name: str = "target") -> Tensor:

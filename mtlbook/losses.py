@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mtlbook._checks import check_registration
 from mtlbook._loss_rows import (
     _autocast_off,
+    _check_class_indices,
     _check_float,
     _check_present,
     _check_tensor,
@@ -193,11 +194,7 @@ def cross_entropy_loss(
     mask = _check_present(present, logits.shape[0], logits.device)
     x, y = _sanitise(logits, target.long(), mask, fill_target=0)
     n_classes = logits.shape[1]
-    out_of_range = (y < 0) | (y >= n_classes)
-    if bool(out_of_range.any()):
-        raise ValueError(
-            f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
-        )
+    _check_class_indices(y, n_classes)
     per_row = F.cross_entropy(x, y, reduction="none", label_smoothing=label_smoothing)
     return _masked_row_mean(per_row, mask)
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtlbook._loss_rows import (
+    _check_class_indices,
     _check_float,
     _check_present,
     _check_tensor,
@@ -133,11 +134,7 @@ def _cross_entropy(tasks: Sequence[ResolvedTaskLoss]) -> Tensor:
     x = torch.stack([task.output for task in tasks])  # [K, B, C]
     x, y = _sanitise(x, torch.stack([task.target for task in tasks]).long(), mask, fill_target=0)
     n_tasks, n_rows, n_classes = x.shape
-    out_of_range = (y < 0) | (y >= n_classes)
-    if bool(out_of_range.any()):
-        raise ValueError(
-            f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
-        )
+    _check_class_indices(y, n_classes)
     per_row = F.cross_entropy(x.reshape(n_tasks * n_rows, n_classes), y.reshape(-1), reduction="none",
                               label_smoothing=label_smoothing)  # fmt: skip
     return _masked_row_means(per_row.reshape(n_tasks, n_rows), mask)

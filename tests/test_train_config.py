@@ -22,7 +22,7 @@ def test_defaults_are_the_documented_ones():
     assert (cfg.warmup_epochs, cfg.warmup_start_factor, cfg.cosine_t0, cfg.cosine_t_mult) == (5, 0.1, 10, 2)
     assert cfg.phase2_warmup_epochs == 2
     assert cfg.balancing == "uncertainty" and cfg.gate_entropy_weight == 0.01
-    assert cfg.amp == "auto"
+    assert cfg.amp == "auto" and cfg.compile_forward is False
     assert cfg.expert_lr == {} and cfg.expert_weight_decay == {}
 
 
@@ -75,6 +75,8 @@ def test_defaults_are_the_documented_ones():
         ("checkpoint_every", 0),
         ("seed", -1),
         ("progress", 1),
+        ("compile_forward", "yes"),
+        ("compile_forward", 1),
     ],
 )
 def test_every_bad_value_raises_value_error_naming_the_field(field, value):

@@ -193,8 +193,8 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"x has the wrong width: expected n_features={self.n_features} columns, got {x.shape[1]}")
         if x.is_complex():
             raise TypeError(f"x must be real-valued, got dtype {x.dtype}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf values; clean the features (or pass check_finite=False to skip this check)")
+        if self.check_finite:
+            _refuse_non_finite(x)
         dtype = self.towers[0].head.weight.dtype
         return x if x.dtype == dtype else x.to(dtype)
 
@@ -305,3 +305,11 @@ class MultiTaskModel(nn.Module):
         trainable = not bool(self.gates_frozen)
         for p in self.gate_parameters():
             p.requires_grad_(trainable)
+
+
+@torch.compiler.disable
+def _refuse_non_finite(x: Tensor) -> None:
+    # the answer depends on the data, so under torch.compile (TrainerConfig.compile_forward)
+    # it runs eagerly between two graphs, without a graph-break warning
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf values; clean the features (or pass check_finite=False to skip this check)")

@@ -48,12 +48,13 @@ ADATT_SYNC_MODES: tuple[str, ...] = ("exact", "cheap")
 # Fields that may change between an interrupted run and its resumption: they steer where
 # and how loudly a run reports, not what it computes.
 RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset(
-    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters", "ddp_timeout_s"}
+    {"progress", "checkpoint_dir", "checkpoint_every", "device", "ddp_find_unused_parameters", "ddp_timeout_s",
+     "compile_forward"}
 )
 #: Fields added after checkpoints already existed, with the value an older checkpoint implies.
 CONFIG_FIELDS_ADDED_LATER: dict[str, Any] = {"adatt_sync": "exact", "ddp_find_unused_parameters": False,
                                              "ddp_timeout_s": 1800.0, "adatt_gate_cofreeze": True,
-                                             "gate_freeze_epoch": None}
+                                             "gate_freeze_epoch": None, "compile_forward": False}
 
 
 def _fail(field_name: str, expected: str, value: Any) -> None:
@@ -195,6 +196,11 @@ class TrainerConfig:
         (autocast to bfloat16, no scaler; CPU or CUDA) or ``"fp16"`` (CUDA only).
     ``device``
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+    ``compile_forward``
+        run the forward pass and the task losses as one function compiled by
+        ``torch.compile`` (:mod:`mtlbook.train.compiled`; default ``False``): fewer, fused ops, the same
+        arithmetic to float rounding; the first step (and a new batch size) compiles. Not
+        with adaTT, not under ``torchrun``.
 
     **Early stopping (on validation data only; never on test data)**
 
@@ -268,6 +274,7 @@ class TrainerConfig:
     gate_freeze_epoch: int | None = None
     amp: str = "auto"
     device: str | None = None
+    compile_forward: bool = False
     monitor: str = "loss"
     mode: str = "auto"
     patience: int | None = 5
@@ -366,6 +373,8 @@ class TrainerConfig:
             _check_int(self.seed, "seed", 0)
         if not isinstance(self.progress, bool):
             _fail("progress", "a bool", self.progress)
+        if not isinstance(self.compile_forward, bool):
+            _fail("compile_forward", "a bool", self.compile_forward)
         if not isinstance(self.adatt_gate_cofreeze, bool):
             _fail("adatt_gate_cofreeze", "a bool", self.adatt_gate_cofreeze)
         if self.gate_freeze_epoch is not None:

@@ -43,6 +43,7 @@ from mtlbook.balancing import build_balancer
 from mtlbook.data.batch import Batch
 from mtlbook.train.callbacks import Callback, EarlyStopping, check_callbacks, default_callbacks
 from mtlbook.train.checkpoint import CheckpointError, atomic_save, load_file, restore_rng_state
+from mtlbook.train.compiled import check_compile, forward_and_losses
 from mtlbook.train.config import TrainerConfig
 from mtlbook.train.evaluation import MetricSums, epoch_snapshots, evaluate_batch, reduce_metrics
 from mtlbook.train.guards import (DIVERGED_WEIGHT, TrainingDivergedError, TrainingWarning, is_out_of_memory,
@@ -102,7 +103,7 @@ class Trainer:
         self.precision = Precision(config.amp, self.device)
         self.amp_dtype = self.precision.dtype
         if self.device.type == "cuda":
-            # TF32 matmuls and cuDNN autotuning: the cheap speed-ups (no torch.compile).
+            # TF32 matmuls and cuDNN autotuning: the cheap speed-ups (torch.compile: config.compile_forward).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
@@ -119,6 +120,11 @@ class Trainer:
         self.pipeline = LossPipeline(self.task_specs, losses, config.loss_kwargs, fixed, self.balancer, self.adatt,
                                      self.model.gate_entropy, config.gate_entropy_weight,
                                      grouped=self.fast_path)  # fmt: skip
+        check_compile(config.compile_forward, self.adatt, self.distributed is not None)
+        # stage 1 with the forward pass: eager, or one compiled function (mtlbook.train.compiled)
+        # (looked up at each call, so a replaced pipeline.task_losses is the one that runs)
+        self.forward_losses = forward_and_losses(lambda outputs, batch: self.pipeline.task_losses(outputs, batch),
+                                                 config.compile_forward)  # fmt: skip
         model_weight = float(getattr(model, "gate_entropy_weight", 0.0) or 0.0)
         if model_weight != 0.0 and self.is_main_process:
             warnings.warn(f"the model's own gate_entropy_weight={model_weight} is not used by Trainer; the trainer adds "
@@ -329,8 +335,7 @@ class Trainer:
         try:
             with strategy.accumulation_window(syncs):
                 with self.precision.autocast():
-                    outputs = strategy.forward_module(self.model)(batch.inputs)
-                    raw = pipe.task_losses(outputs, batch)  # stage 1
+                    outputs, raw = self.forward_losses(strategy.forward_module(self.model), batch)  # stage 1
                 terms = LossTerms(raw, pipe.present(batch), raw)
                 terms.weighted = pipe.balance(raw, terms.present)  # stages 2-3
                 if strategy.any_rank(not bool(torch.isfinite(terms.weighted).all())):

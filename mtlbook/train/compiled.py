@@ -1,0 +1,74 @@
+r"""Stage 1 compiled: the forward pass and the task losses as one function compiled by ``torch.compile``.
+
+A training step of the package's models in eager PyTorch is a few hundred small ops, each
+launched on its own; on a CPU thread the launches cost more than the arithmetic (chapter 3,
+``mtlbook/tables/plain_step.csv``: the eager step of the bank form stays above
+``fixed cost + FLOP floor`` whatever is done to the ops one by one). ``torch.compile``
+(TorchDynamo captures the Python code as a graph, Inductor fuses its elementwise ops into
+generated C++ loops, AOTAutograd writes the matching backward) makes fewer, bigger ops of
+
+.. math::
+
+    (x, \text{batch}) \;\mapsto\; \bigl(\text{outputs},\ L = [L_1, \dots, L_n]\bigr),
+
+the part of a step between the inputs and the per-task losses (task-major ``[n_tasks]``).
+Everything after it (balancer, adaTT, the objective, the backward call, the optimizer) stays
+eager: it is a handful of ops on ``[n_tasks]`` vectors and the fused AdamW kernel.
+
+The same arithmetic, other rounding: a compiled step's losses and gradients agree with the
+eager step's to float rounding (``tests/test_train_compiled.py``: one step's to 1e-5, the
+weights after a short run to 1e-4), not bit for bit, so a run with
+``compile_forward=True`` does not reproduce a stored eager run exactly. The first step pays
+for the compilation (tens of seconds on a CPU; Inductor needs a C++ compiler there), and so
+does a batch of a new size (the last, shorter batch of an epoch): it is worth it for long
+runs of one model, not for a chapter's one-minute demo.
+
+Not with adaTT (its measurement hooks the features of the forward pass and back-propagates
+from them through the shared experts alone, which a compiled graph does not expose as eager
+tensors) and not under ``torchrun`` (the DDP-wrapped model has not been tested compiled): both
+are refused with an error that names the setting, by :func:`check_compile`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from mtlbook.data.batch import Batch
+
+__all__ = ["ForwardLosses", "check_compile", "forward_and_losses"]
+
+#: ``(model, batch) -> (outputs, raw task losses [n_tasks])``
+ForwardLosses = Callable[[nn.Module, Batch], "tuple[Any, Tensor]"]
+
+
+def check_compile(compile_forward: bool, adatt: nn.Module | None, distributed: bool) -> None:
+    """Refuse the combinations :func:`forward_and_losses` does not support (see the module docstring)."""
+    if not compile_forward:
+        return
+    if adatt is not None:
+        raise ValueError("TrainerConfig.compile_forward=True cannot be used with adaTT: its affinity measurement "
+                         "reads the forward pass's features through hooks; use compile_forward=False (the default) "
+                         "or train without adaTT")  # fmt: skip
+    if distributed:
+        raise ValueError("TrainerConfig.compile_forward=True is for a single process; under torchrun (several "
+                         "ranks) use compile_forward=False")  # fmt: skip
+
+
+def forward_and_losses(task_losses: Callable[[Any, Batch], Tensor], compile_forward: bool) -> ForwardLosses:
+    """``(model, batch) -> (model(batch.inputs), task_losses(outputs, batch))``, compiled or eager.
+
+    Args:
+        task_losses: stage 1 of the loss pipeline, ``(outputs, batch) -> [n_tasks]``.
+        compile_forward: wrap the function in ``torch.compile`` (default backend, Inductor).
+            Shapes are first compiled static; a second batch size recompiles once with
+            dynamic shapes (``dynamic=None``, torch's default).
+    """
+
+    def run(model: nn.Module, batch: Batch) -> tuple[Any, Tensor]:
+        outputs = model(batch.inputs)
+        return outputs, task_losses(outputs, batch)
+
+    return torch.compile(run) if compile_forward else run

@@ -1,0 +1,89 @@
+"""``TrainerConfig(compile_forward=True)``: the forward pass and the losses compiled by torch.compile.
+
+The same arithmetic in fused ops: a compiled run ends at the eager run's weights to float
+rounding (not bit for bit). The combinations it does not support are refused with an error
+that names the setting. The compilation itself (Inductor, C++ on the CPU) takes tens of
+seconds the first time, so these tests train one tiny model a few steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import NAMES, SPECS, make_dataset
+from mtlbook.adatt import AdaptiveTaskTransfer
+from mtlbook.losses_grouped import grouped_task_losses
+from mtlbook.models import build_model
+from mtlbook.train import Trainer, TrainerConfig
+from mtlbook.train.compiled import check_compile, forward_and_losses
+
+
+def _fit(compile_forward: bool) -> tuple[torch.nn.Module, Trainer]:
+    torch.manual_seed(0)
+    model = build_model("ple", 5, SPECS, experts="bank")
+    # 100 rows in batches of 32: a shorter last batch (a second shape); phase 2 freezes the
+    # shared experts and gates (other parameters require grad): both recompile
+    config = TrainerConfig(phase1_epochs=2, phase2_epochs=1, batch_size=32, lr=5e-3, warmup_epochs=1,
+                           progress=False, patience=None, compile_forward=compile_forward)  # fmt: skip
+    trainer = Trainer(model, config)
+    trainer.fit(make_dataset(100), make_dataset(40, seed=1))
+    return model, trainer
+
+
+def test_compiled_training_ends_at_the_eager_weights_to_float_rounding():
+    eager, eager_trainer = _fit(False)
+    compiled, compiled_trainer = _fit(True)
+    moved = build_model("ple", 5, SPECS, experts="bank")
+    for (name, a), b, c in zip(eager.state_dict().items(), compiled.state_dict().values(),
+                               moved.state_dict().values()):  # fmt: skip
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    # training moved the weights (so agreeing is not trivial)
+    assert any(not torch.allclose(a, c) for a, c in zip(eager.state_dict().values(), moved.state_dict().values())
+               if a.is_floating_point())  # fmt: skip
+    eager_losses = eager_trainer.history.records[-1]["val"]
+    compiled_losses = compiled_trainer.history.records[-1]["val"]
+    for key, value in eager_losses.items():
+        assert compiled_losses[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert compiled_trainer.history.records[-1]["steps"] == eager_trainer.history.records[-1]["steps"] > 0
+
+
+def test_compiled_stage_one_gives_the_eager_outputs_and_losses():
+    torch.manual_seed(1)
+    model = build_model("ple", 5, SPECS, experts="bank")
+    batch = make_dataset(24).collate(list(range(24)))
+
+    def losses(outputs, b):
+        return grouped_task_losses(outputs, b, SPECS)
+
+    eager_out, eager_raw = forward_and_losses(losses, False)(model, batch)
+    out, raw = forward_and_losses(losses, True)(model, batch)
+    torch.testing.assert_close(raw, eager_raw, rtol=1e-5, atol=1e-6)
+    for task in NAMES:
+        torch.testing.assert_close(out[task], eager_out[task], rtol=1e-5, atol=1e-6)
+    # gradients through the compiled graph equal the eager ones
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_grads = torch.autograd.grad(eager_raw.sum(), params)
+    grads = torch.autograd.grad(raw.sum(), params)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_input_checks_still_run_under_compile():
+    model = build_model("ple", 5, SPECS, experts="bank")
+    data = make_dataset(16)
+    data.inputs[3, 1] = float("nan")
+    run = forward_and_losses(lambda outputs, b: grouped_task_losses(outputs, b, SPECS), True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(model, data.collate(list(range(16))))
+
+
+def test_unsupported_combinations_are_refused_by_name():
+    model = build_model("ple", 5, SPECS)
+    adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3)
+    with pytest.raises(ValueError, match="compile_forward=True cannot be used with adaTT"):
+        Trainer(model, TrainerConfig(progress=False, compile_forward=True), adatt=adatt)
+    with pytest.raises(ValueError, match="compile_forward=True is for a single process"):
+        check_compile(True, None, distributed=True)
+    check_compile(False, adatt, distributed=True)  # the default never refuses
