@@ -44,8 +44,8 @@ eager mode; only fewer ops, fused by hand or by a compiler, can go below it).
 (:mod:`mtlbook.train.compiled`; the backward call and fused AdamW stay as they are): the same
 arithmetic in fewer, fused ops, the way below the eager bound. ``compile_s`` is what its first
 step took: the compilation, from an empty Inductor cache (the script points
-``TORCHINDUCTOR_CACHE_DIR`` at a new temporary folder unless it is set; a second run of a
-reader's model reuses its cache and compiles faster).
+``TORCHINDUCTOR_CACHE_DIR`` at a new temporary folder, removed at exit, unless it is set; a
+second run of a reader's model reuses its cache and compiles faster).
 ``--no-compile`` leaves it out.
 
 The FLOP floor is ``step_mflop / matmul_gflops``, with ``step_mflop`` the forward plus
@@ -64,9 +64,11 @@ Nothing asserts on these timings.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,9 +76,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+if __name__ == "__main__" and "--no-compile" not in sys.argv[1:] and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # compile_s: a cold compilation, not one served from an earlier run's cache (set before
+    # torch is imported: parts of Inductor fix their cache folder when first imported)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="plain_step_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -278,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.tasks, args.rounds, args.block = [4], 2, 2
     torch.set_num_threads(args.threads)
-    if args.compile:  # compile_s: a cold compilation, not one served from an earlier run's cache
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="plain_step_inductor_"))
     rng = random.Random(args.seed)
     rows = []
     for n_tasks in args.tasks:
