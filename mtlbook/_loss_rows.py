@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mtlbook._checks import check_mask
+from mtlbook._data_checks import defer
 
 
 def _check_tensor(value: Any, name: str) -> Tensor:
@@ -104,9 +105,8 @@ def _check_float(value: Any, name: str, low: float, high: float = math.inf, low_
     return value
 
 
-# The two checks below read the data (a Python bool of a tensor): under torch.compile
-# (TrainerConfig.compile_forward) they run eagerly between graphs, without a graph-break warning.
-@torch.compiler.disable
+# The two checks below read the data (a Python bool of a tensor): under the trainer's compiled
+# stage 1 they hand their flag over (mtlbook._data_checks) instead of splitting the graph.
 def _check_unit_interval(y: Tensor, name: str = "target") -> None:
     """Refuse binary labels outside ``[0, 1]`` (NaN passes: the trainer's NaN guard skips it).
 
@@ -114,16 +114,29 @@ def _check_unit_interval(y: Tensor, name: str = "target") -> None:
     and the focal factor takes the log of a negative number.
     """
     bad = (y < 0) | (y > 1)
-    if bool(bad.any()):
+    failed = bad.any()
+    if not defer(failed):
+        _raise_outside_unit_interval(y, bad, failed, name)
+
+
+@torch.compiler.disable  # outside a compiled stage 1: eagerly, between graphs, without a warning
+def _raise_outside_unit_interval(y: Tensor, bad: Tensor, failed: Tensor, name: str) -> None:
+    if bool(failed):
         value = float(y[bad][0])
         raise ValueError(f"{name} of a binary loss must hold labels in [0, 1] on present rows, got {value}")
 
 
-@torch.compiler.disable
 def _check_class_indices(y: Tensor, n_classes: int) -> None:
     """Refuse class indices outside ``[0, n_classes)`` (on present rows: absent ones are filled with 0)."""
     out_of_range = (y < 0) | (y >= n_classes)
-    if bool(out_of_range.any()):
+    failed = out_of_range.any()
+    if not defer(failed):
+        _raise_out_of_range(y, out_of_range, failed, n_classes)
+
+
+@torch.compiler.disable
+def _raise_out_of_range(y: Tensor, out_of_range: Tensor, failed: Tensor, n_classes: int) -> None:
+    if bool(failed):
         raise ValueError(
             f"target must hold class indices in [0, {n_classes}) on present rows, got {int(y[out_of_range][0])}"
         )

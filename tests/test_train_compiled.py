@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from _tiny import NAMES, SPECS, make_dataset
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from mtlbook._data_checks import defer, deferred_checks
 from mtlbook.adatt import AdaptiveTaskTransfer
 from mtlbook.losses_grouped import grouped_task_losses
 from mtlbook.models import build_model
-from mtlbook.train import Trainer, TrainerConfig
+from mtlbook.train import Callback, Trainer, TrainerConfig
 from mtlbook.train.compiled import check_compile, forward_and_losses
 
 
@@ -70,13 +73,59 @@ def test_compiled_stage_one_gives_the_eager_outputs_and_losses():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
-def test_the_input_checks_still_run_under_compile():
+def _stage_one(compile_forward: bool):
+    return forward_and_losses(lambda outputs, b: grouped_task_losses(outputs, b, SPECS), compile_forward)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda data: data.inputs.__setitem__((3, 1), float("nan")), "NaN or inf"),
+    (lambda data: data.targets["click"].__setitem__(2, 3.0), r"labels in \[0, 1\]"),
+    (lambda data: data.targets["kind"].__setitem__(5, 7), r"class indices in \[0, 3\)"),
+])  # fmt: skip
+def test_the_data_checks_raise_their_own_errors_under_compile(spoil, message):
     model = build_model("ple", 5, SPECS, experts="bank")
-    data = make_dataset(16)
-    data.inputs[3, 1] = float("nan")
-    run = forward_and_losses(lambda outputs, b: grouped_task_losses(outputs, b, SPECS), True)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        run(model, data.collate(list(range(16))))
+    good = make_dataset(16, missing=False)
+    _stage_one(True)(model, good.collate(list(range(16))))  # compiled on clean data first
+    bad = make_dataset(16, missing=False)
+    spoil(bad)
+    for compile_forward in (False, True):
+        with pytest.raises(ValueError, match=message):
+            _stage_one(compile_forward)(model, bad.collate(list(range(16))))
+
+
+def test_the_checks_do_not_split_the_compiled_graph():
+    """Stage 1 of a bank PLE is one graph: the three data checks (finite inputs, binary labels,
+    class indices) hand their flags over instead of breaking it (without that: one graph per
+    stretch between checks)."""
+    model = build_model("ple", 5, SPECS, experts="bank")
+    batch = make_dataset(24).collate(list(range(24)))
+
+    def run(m, b):
+        outputs = m(b.inputs)
+        return outputs, grouped_task_losses(outputs, b, SPECS)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    with deferred_checks() as flags:
+        torch.compile(run, backend=counter)(model, batch)
+    assert counter.frame_count == 1
+    assert len(flags) == 3 and not any(bool(f) for f in flags)
+    torch._dynamo.reset()
+    split = CompileCounterWithBackend("inductor")
+    torch.compile(run, backend=split)(model, batch)  # the checks decide at once: graph breaks
+    assert split.frame_count > 1
+
+
+def test_checks_defer_only_inside_the_block():
+    flag = torch.tensor(True)
+    assert defer(flag) is False  # outside: the caller checks now
+    with deferred_checks() as flags:
+        assert defer(flag) is True
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with deferred_checks():
+                pass
+    assert flags == [flag]
+    assert defer(flag) is False
 
 
 def test_unsupported_combinations_are_refused_by_name():
@@ -87,3 +136,35 @@ def test_unsupported_combinations_are_refused_by_name():
     with pytest.raises(ValueError, match="compile_forward=True is for a single process"):
         check_compile(True, None, distributed=True)
     check_compile(False, adatt, distributed=True)  # the default never refuses
+
+
+def test_a_run_resumes_with_the_other_setting(tmp_path):
+    """``compile_forward`` says how a step is computed, not what: a checkpoint of an eager run
+    resumes compiled (and the other way round) and ends at the uninterrupted run's weights."""
+
+    def trainer(phase1_epochs: int, compile_forward: bool, folder) -> Trainer:
+        torch.manual_seed(0)
+        config = TrainerConfig(phase1_epochs=phase1_epochs, phase2_epochs=0, batch_size=32, lr=5e-3, warmup_epochs=1,
+                               progress=False, patience=None, checkpoint_dir=str(folder), seed=3,
+                               compile_forward=compile_forward)  # fmt: skip
+        return Trainer(build_model("ple", 5, SPECS, experts="bank"), config)
+
+    reference = trainer(3, False, tmp_path / "full")
+    reference.fit(make_dataset(96))
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterTwoEpochs(Callback):
+        def on_epoch_start(self, t):
+            if t.epoch == 2:
+                raise Stop
+
+    with pytest.raises(Stop):
+        trainer(3, False, tmp_path / "cut").fit(make_dataset(96), callbacks=[StopAfterTwoEpochs()])
+    resumed = trainer(3, True, tmp_path / "cut")
+    resumed.fit(make_dataset(96), resume_from=tmp_path / "cut" / "last.pt")
+    assert resumed.step == reference.step
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

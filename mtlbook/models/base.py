@@ -57,6 +57,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from mtlbook._data_checks import defer
 from mtlbook.data.batch import TaskSpec
 from mtlbook.models._validation import check_bool, check_finite_float, check_int, check_specs
 from mtlbook.models.bank_storage import bank_parameters, convert_state_dict, store_in_banks
@@ -307,9 +308,15 @@ class MultiTaskModel(nn.Module):
             p.requires_grad_(trainable)
 
 
-@torch.compiler.disable
 def _refuse_non_finite(x: Tensor) -> None:
-    # the answer depends on the data, so under torch.compile (TrainerConfig.compile_forward)
-    # it runs eagerly between two graphs, without a graph-break warning
-    if not bool(torch.isfinite(x).all()):
+    # the answer depends on the data: under the trainer's compiled stage 1 the flag is handed
+    # over (mtlbook._data_checks), elsewhere checked at once
+    failed = ~torch.isfinite(x).all()
+    if not defer(failed):
+        _raise_non_finite(failed)
+
+
+@torch.compiler.disable  # outside a compiled stage 1: eagerly, between graphs, without a warning
+def _raise_non_finite(failed: Tensor) -> None:
+    if bool(failed):
         raise ValueError("x contains NaN or inf values; clean the features (or pass check_finite=False to skip this check)")

@@ -11,9 +11,16 @@ generated C++ loops, AOTAutograd writes the matching backward) makes fewer, bigg
 
     (x, \text{batch}) \;\mapsto\; \bigl(\text{outputs},\ L = [L_1, \dots, L_n]\bigr),
 
-the part of a step between the inputs and the per-task losses (task-major ``[n_tasks]``).
-Everything after it (balancer, adaTT, the objective, the backward call, the optimizer) stays
-eager: it is a handful of ops on ``[n_tasks]`` vectors and the fused AdamW kernel.
+the part of a step between the inputs and the per-task losses (task-major ``[n_tasks]``),
+and the backward through it. Everything after the losses (balancer, the objective, the
+optimizer) stays eager: a handful of ops on ``[n_tasks]`` vectors and the fused AdamW kernel.
+
+**One graph.** The checks that read the data (finite inputs, binary labels in ``[0, 1]``,
+class indices in range) need a Python ``bool`` of a tensor, which would split the function
+into one graph per stretch between checks. Here they hand their flags over instead
+(:mod:`mtlbook._data_checks`), so stage 1 of the package's models is one graph; when a flag
+is set, or a generated kernel's own bounds check fires first, the step runs again eagerly,
+where the check raises its usual ``ValueError`` naming the bad value.
 
 The same arithmetic, other rounding: a compiled step's losses and gradients agree with the
 eager step's to float rounding (``tests/test_train_compiled.py``: one step's to 1e-5, the
@@ -36,6 +43,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from mtlbook._data_checks import deferred_checks
 from mtlbook.data.batch import Batch
 
 __all__ = ["ForwardLosses", "check_compile", "forward_and_losses"]
@@ -71,4 +79,23 @@ def forward_and_losses(task_losses: Callable[[Any, Batch], Tensor], compile_forw
         outputs = model(batch.inputs)
         return outputs, task_losses(outputs, batch)
 
-    return torch.compile(run) if compile_forward else run
+    if not compile_forward:
+        return run
+    compiled = torch.compile(run)
+
+    def run_compiled(model: nn.Module, batch: Batch) -> tuple[Any, Tensor]:
+        # the data checks (finite inputs, labels in range) hand their flags over instead of
+        # splitting the graph; if one is set, the eager step raises that check's own error
+        try:
+            with deferred_checks() as failed:
+                result = compiled(model, batch)
+        except RuntimeError:
+            # a generated kernel's own bounds check (a class index out of range) fires before
+            # the flags are read: the eager step names the bad value, else the error stands
+            run(model, batch)
+            raise
+        if any(bool(flag) for flag in failed):
+            return run(model, batch)
+        return result
+
+    return run_compiled
