@@ -9,7 +9,7 @@ generated C++ loops, AOTAutograd writes the matching backward) makes fewer, bigg
 
 .. math::
 
-    (x, \text{batch}) \;\mapsto\; \bigl(\text{outputs},\ L = [L_1, \dots, L_n]\bigr),
+    (x, \text{batch}) \mapsto (\text{outputs}, L), \quad L = [L_1, \dots, L_n],
 
 the part of a step between the inputs and the per-task losses (task-major ``[n_tasks]``),
 and the backward through it. Everything after the losses (balancer, the objective, the
@@ -26,7 +26,8 @@ The same arithmetic, other rounding: a compiled step's losses and gradients agre
 eager step's to float rounding (``tests/test_train_compiled.py``: one step's to 1e-5, the
 weights after a short run to 1e-4), not bit for bit, so a run with
 ``compile_forward=True`` does not reproduce a stored eager run exactly. The first step pays
-for the compilation (tens of seconds on a CPU; Inductor needs a C++ compiler there), and so
+for the compilation (seconds to tens of seconds on a CPU, ``compile_s`` in
+``mtlbook/tables/plain_step.csv``; Inductor needs a C++ compiler there), and so
 does a batch of a new size (the last, shorter batch of an epoch): it is worth it for long
 runs of one model, not for a chapter's one-minute demo.
 
