@@ -16,6 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from mtlbook._data_checks import defer, deferred_checks
 from mtlbook.adatt import AdaptiveTaskTransfer
+from mtlbook.balancing import build_balancer
 from mtlbook.losses_grouped import grouped_task_losses
 from mtlbook.models import build_model
 from mtlbook.train import Callback, Trainer, TrainerConfig
@@ -128,14 +129,76 @@ def test_checks_defer_only_inside_the_block():
     assert defer(flag) is False
 
 
-def test_unsupported_combinations_are_refused_by_name():
-    model = build_model("ple", 5, SPECS)
-    adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3)
-    with pytest.raises(ValueError, match="compile_forward=True cannot be used with adaTT"):
-        Trainer(model, TrainerConfig(progress=False, compile_forward=True), adatt=adatt)
+def test_with_adatt_the_measuring_steps_run_eagerly_and_the_run_matches():
+    """adaTT measures every second step: those steps take the eager stage 1 (the measurement
+    reads the forward pass's features), the others the compiled one; the affinity, the transfer
+    weights and the model end where the eager run ends, to float rounding."""
+
+    def fit(compile_forward: bool) -> Trainer:
+        torch.manual_seed(0)
+        model = build_model("ple", 5, SPECS, experts="bank")
+        adatt = AdaptiveTaskTransfer(NAMES, warmup_epochs=1, freeze_epoch=3, grad_interval=2)
+        config = TrainerConfig(phase1_epochs=2, phase2_epochs=0, batch_size=16, lr=5e-3, warmup_epochs=1,
+                               progress=False, patience=None, compile_forward=compile_forward)  # fmt: skip
+        trainer = Trainer(model, config, adatt=adatt)
+        calls = {"eager": 0, "compiled": 0}
+        for name, attribute in (("eager", "forward_losses_eager"), ("compiled", "forward_losses")):
+            inner = getattr(trainer, attribute)
+
+            def counted(m, b, inner=inner, name=name):
+                calls[name] += 1
+                return inner(m, b)
+
+            setattr(trainer, attribute, counted)
+        trainer.fit(make_dataset(96))
+        trainer.calls = calls
+        return trainer
+
+    eager, compiled = fit(False), fit(True)
+    # 6 batches an epoch, 2 epochs: adaTT measures at steps 0, 2, 4, ... (6 of 12)
+    assert compiled.calls == {"eager": 6, "compiled": 6}
+    assert eager.calls == {"eager": 6, "compiled": 6}  # the same split; both functions eager there
+    assert compiled.adatt.affinity_computer.n_updates == eager.adatt.affinity_computer.n_updates == 6
+    torch.testing.assert_close(compiled.adatt.affinity, eager.adatt.affinity, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.adatt.transfer_weights(), eager.adatt.transfer_weights(), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("extraction", ["structured", "cut", "loop"])
+def test_measuring_on_a_compiled_forward_is_refused(extraction):
+    """By hand (not the trainer's way): per-task gradients through a compiled graph are not
+    reliable, so the computer refuses them, naming the way out."""
+    from mtlbook.adatt import TaskAffinityComputer
+
+    model = build_model("ple", 5, SPECS, experts="bank")
+    batch = make_dataset(32).collate(list(range(32)))
+    computer = TaskAffinityComputer(NAMES, extraction=extraction).attach(model)
+    _, raw = _stage_one(False)(model, batch)
+    assert computer.extract_gradients(raw).shape[0] == len(NAMES)  # eager: measured
+    _, raw = _stage_one(True)(model, batch)
+    with pytest.raises(ValueError, match="last forward pass ran compiled"):
+        computer.extract_gradients(raw)
+    with pytest.raises(ValueError, match="last forward pass ran compiled"):
+        computer.measure_in_backward(raw)
+
+
+@pytest.mark.parametrize("balancing", ["gradnorm", "pcgrad"])
+def test_balancers_with_per_task_gradients_are_refused(balancing):
+    model = build_model("ple", 5, SPECS, experts="bank")
+    with pytest.raises(ValueError, match="compile_forward=True needs a balancer whose backward is one plain"):
+        Trainer(model, TrainerConfig(progress=False, balancing=balancing, compile_forward=True))
+    Trainer(model, TrainerConfig(progress=False, balancing=balancing))  # eager: fine
+
+
+def test_torchrun_is_refused_by_name():
     with pytest.raises(ValueError, match="compile_forward=True is for a single process"):
-        check_compile(True, None, distributed=True)
-    check_compile(False, adatt, distributed=True)  # the default never refuses
+        check_compile(True, distributed=True)
+    check_compile(False, distributed=True)  # the default never refuses
+    check_compile(True, distributed=False)
+    check_compile(True, distributed=False, balancer=build_balancer("uncertainty", 3))
 
 
 def test_a_run_resumes_with_the_other_setting(tmp_path):

@@ -31,10 +31,18 @@ for the compilation (seconds to tens of seconds on a CPU, ``compile_s`` in
 does a batch of a new size (the last, shorter batch of an epoch): it is worth it for long
 runs of one model, not for a chapter's one-minute demo.
 
-Not with adaTT (its measurement hooks the features of the forward pass and back-propagates
-from them through the shared experts alone, which a compiled graph does not expose as eager
-tensors) and not under ``torchrun`` (the DDP-wrapped model has not been tested compiled): both
-are refused with an error that names the setting, by :func:`check_compile`.
+**With adaTT** the steps on which adaTT measures run the eager function: its measurement
+hooks the features of the forward pass and back-propagates from them through the shared
+experts alone, which a compiled graph does not expose as eager tensors. The other steps (nine
+in ten at the default ``grad_interval=10``; all of them once adaTT has frozen) run compiled.
+**One backward.** Several backward passes through one compiled graph (``retain_graph``) are
+not reliable: with torch 2.13 on the CPU, the bank form and one thread, the second and later
+ones returned zero gradients. So :func:`check_compile`
+refuses a balancer that takes per-task gradients through the forward pass (GradNorm, PCGrad
+and the other gradient combiners), and
+:class:`~mtlbook.adatt.TaskAffinityComputer` refuses to measure on a compiled forward pass.
+Not under ``torchrun`` either (the DDP-wrapped model has not been tested compiled). Each is
+refused with an error that names the setting.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlbook._data_checks import deferred_checks
+from mtlbook.balancer_base import LossBalancer
 from mtlbook.data.batch import Batch
 
 __all__ = ["ForwardLosses", "check_compile", "forward_and_losses"]
@@ -53,17 +62,18 @@ __all__ = ["ForwardLosses", "check_compile", "forward_and_losses"]
 ForwardLosses = Callable[[nn.Module, Batch], "tuple[Any, Tensor]"]
 
 
-def check_compile(compile_forward: bool, adatt: nn.Module | None, distributed: bool) -> None:
-    """Refuse the combinations :func:`forward_and_losses` does not support (see the module docstring)."""
+def check_compile(compile_forward: bool, distributed: bool, balancer: nn.Module | None = None) -> None:
+    """Refuse what :func:`forward_and_losses` does not support (see the module docstring)."""
     if not compile_forward:
         return
-    if adatt is not None:
-        raise ValueError("TrainerConfig.compile_forward=True cannot be used with adaTT: its affinity measurement "
-                         "reads the forward pass's features through hooks; use compile_forward=False (the default) "
-                         "or train without adaTT")  # fmt: skip
     if distributed:
         raise ValueError("TrainerConfig.compile_forward=True is for a single process; under torchrun (several "
                          "ranks) use compile_forward=False")  # fmt: skip
+    if balancer is not None and type(balancer).backward is not LossBalancer.backward:
+        raise ValueError(f"TrainerConfig.compile_forward=True needs a balancer whose backward is one plain backward "
+                         f"(equal, uncertainty, dwa, random); {type(balancer).__name__} takes per-task gradients "
+                         f"through the forward pass, which a compiled graph does not give reliably; use "
+                         f"compile_forward=False")  # fmt: skip
 
 
 def forward_and_losses(task_losses: Callable[[Any, Batch], Tensor], compile_forward: bool) -> ForwardLosses:

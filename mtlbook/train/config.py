@@ -199,8 +199,8 @@ class TrainerConfig:
     ``compile_forward``
         run the forward pass and the task losses as one function compiled by
         ``torch.compile`` (:mod:`mtlbook.train.compiled`; default ``False``): fewer, fused ops, the same
-        arithmetic to float rounding; the first step (and a new batch size) compiles. Not
-        with adaTT, not under ``torchrun``.
+        arithmetic to float rounding; the first step (and a new batch size) compiles. With
+        adaTT, the steps on which it measures run eagerly; not under ``torchrun``.
 
     **Early stopping (on validation data only; never on test data)**
 

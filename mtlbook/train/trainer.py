@@ -120,11 +120,13 @@ class Trainer:
         self.pipeline = LossPipeline(self.task_specs, losses, config.loss_kwargs, fixed, self.balancer, self.adatt,
                                      self.model.gate_entropy, config.gate_entropy_weight,
                                      grouped=self.fast_path)  # fmt: skip
-        check_compile(config.compile_forward, self.adatt, self.distributed is not None)
-        # stage 1 with the forward pass: eager, or one compiled function (mtlbook.train.compiled)
-        # (looked up at each call, so a replaced pipeline.task_losses is the one that runs)
-        self.forward_losses = forward_and_losses(lambda outputs, batch: self.pipeline.task_losses(outputs, batch),
-                                                 config.compile_forward)  # fmt: skip
+        check_compile(config.compile_forward, self.distributed is not None, self.balancer)
+        # stage 1 with the forward pass: eager, or one compiled function (mtlbook.train.compiled);
+        # task_losses is looked up at each call, so a replaced pipeline.task_losses is the one that runs
+        stage_one = lambda outputs, batch: self.pipeline.task_losses(outputs, batch)  # noqa: E731
+        self.forward_losses = forward_and_losses(stage_one, config.compile_forward)
+        # a step on which adaTT measures reads the forward pass's features: always eager
+        self.forward_losses_eager = forward_and_losses(stage_one, False)
         model_weight = float(getattr(model, "gate_entropy_weight", 0.0) or 0.0)
         if model_weight != 0.0 and self.is_main_process:
             warnings.warn(f"the model's own gate_entropy_weight={model_weight} is not used by Trainer; the trainer adds "
@@ -335,7 +337,9 @@ class Trainer:
         try:
             with strategy.accumulation_window(syncs):
                 with self.precision.autocast():
-                    outputs, raw = self.forward_losses(strategy.forward_module(self.model), batch)  # stage 1
+                    measures = self.adatt is not None and pipe.transfers and self.adatt.should_measure(step_index)
+                    stage_one = self.forward_losses_eager if measures else self.forward_losses
+                    outputs, raw = stage_one(strategy.forward_module(self.model), batch)  # stage 1
                 terms = LossTerms(raw, pipe.present(batch), raw)
                 terms.weighted = pipe.balance(raw, terms.present)  # stages 2-3
                 if strategy.any_rank(not bool(torch.isfinite(terms.weighted).all())):
