@@ -35,11 +35,11 @@ runs of one model, not for a chapter's one-minute demo.
 hooks the features of the forward pass and back-propagates from them through the shared
 experts alone, which a compiled graph does not expose as eager tensors. The other steps (nine
 in ten at the default ``grad_interval=10``; all of them once adaTT has frozen) run compiled.
+
 **One backward.** Several backward passes through one compiled graph (``retain_graph``) are
 not reliable: with torch 2.13 on the CPU, the bank form and one thread, the second and later
-ones returned zero gradients. So :func:`check_compile`
-refuses a balancer that takes per-task gradients through the forward pass (GradNorm, PCGrad
-and the other gradient combiners), and
+ones returned zero gradients. So :func:`check_compile` refuses a balancer that takes per-task
+gradients through the forward pass (GradNorm, PCGrad and the other gradient combiners), and
 :class:`~mtlbook.adatt.TaskAffinityComputer` refuses to measure on a compiled forward pass.
 Not under ``torchrun`` either (the DDP-wrapped model has not been tested compiled). Each is
 refused with an error that names the setting.
