@@ -29,7 +29,11 @@ weights after a short run to 1e-4), not bit for bit, so a run with
 for the compilation (seconds to tens of seconds on a CPU, ``compile_s`` in
 ``mtlbook/tables/plain_step.csv``; Inductor needs a C++ compiler there), and so
 does a batch of a new size (the last, shorter batch of an epoch): it is worth it for long
-runs of one model, not for a chapter's one-minute demo.
+runs of one model, not for a chapter's one-minute demo. Inductor keeps the compiled code in
+an on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) that did not tell apart processes started with
+different CPU settings: code cached by a plain shell failed ("tuple args required") in one
+started with ``ATEN_CPU_CAPABILITY=avx2`` (as ``scripts/reproducible_env.sh`` sets it). Give
+each setting a cache folder of its own (the test suite uses a fresh one per run).
 
 **With adaTT** the steps on which adaTT measures run the eager function: its measurement
 hooks the features of the forward pass and back-propagates from them through the shared
