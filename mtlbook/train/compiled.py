@@ -9,11 +9,12 @@ generated C++ loops, AOTAutograd writes the matching backward) makes fewer, bigg
 
 .. math::
 
-    (x, \text{batch}) \mapsto (\text{outputs}, L), \quad L = [L_1, \dots, L_n],
+    (x, \text{batch}) \mapsto (\text{outputs}, L),
 
-the part of a step between the inputs and the per-task losses (task-major ``[n_tasks]``),
-and the backward through it. Everything after the losses (balancer, the objective, the
-optimizer) stays eager: a handful of ops on ``[n_tasks]`` vectors and the fused AdamW kernel.
+the part of a step between the inputs and the per-task losses :math:`L = [L_1, \dots, L_n]`
+(task-major ``[n_tasks]``), and the backward through it. Everything after the losses
+(balancer, the objective, the optimizer) stays eager: a handful of ops on ``[n_tasks]``
+vectors and the fused AdamW kernel.
 
 **One graph.** The checks that read the data (finite inputs, binary labels in ``[0, 1]``,
 class indices in range) need a Python ``bool`` of a tensor, which would split the function
