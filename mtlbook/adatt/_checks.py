@@ -1,5 +1,6 @@
 """Argument checks of the adaTT modules: task names, choices, unit-interval numbers, chunk
-sizes and presence masks, each refused with a message that names the parameter."""
+sizes, presence masks and a model's compiled forward pass, each refused with a message that
+names the parameter or the way out."""
 
 from __future__ import annotations
 
@@ -60,3 +61,23 @@ def as_presence(present: Tensor | Sequence[bool] | None, n_tasks: int, device: t
     if present is None:
         return torch.ones(n_tasks, dtype=torch.bool, device=device)
     return check_mask(torch.as_tensor(present, device=device), n_tasks)
+
+
+def refuse_compiled_forward(model: Any) -> None:
+    """Refuse to measure when ``model``'s last forward pass ran compiled (see
+    :func:`_recorded_by_compiled_graph`); models without a mixture record pass."""
+    if _recorded_by_compiled_graph(getattr(model, "mixture_levels", None) or []):
+        raise ValueError("the attached model's last forward pass ran compiled (torch.compile): per-task gradients "
+                         "through a compiled graph are not reliable (repeated backward passes gave zero rows); "
+                         "measure on an eager forward pass (Trainer with compile_forward=True runs the steps "
+                         "on which adaTT measures eagerly)")  # fmt: skip
+
+
+def _recorded_by_compiled_graph(levels: Sequence[Any]) -> bool:
+    """True where a level's shared-expert outputs come out of a graph compiled by ``torch.compile``
+    (AOTAutograd's ``CompiledFunctionBackward``). Inside that graph the experts' ops are no
+    nodes of their own: the structured pass finds no path from the recorded features to the
+    parameters (zero rows), and repeated backward passes through the graph (loop, cut) gave
+    zero rows from the second on here (bank form, one thread)."""
+    return any(type(getattr(t, "grad_fn", None)).__name__ == "CompiledFunctionBackward"
+               for level in levels for t in level.shared_outputs)  # fmt: skip

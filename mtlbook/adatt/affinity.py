@@ -40,11 +40,11 @@ from mtlbook.adatt._checks import (  # also imported from here by prior.py and t
     check_chunk_size,
     check_task_names,
     check_unit_interval,
+    refuse_compiled_forward,
 )
 from mtlbook.gradients import (
     EXTRACTIONS,
     FeatureCotangents,
-    MixtureLevel,
     cosine_matrix,
     losses_are_task_separable,
     stacked_gradients,
@@ -320,12 +320,7 @@ class TaskAffinityComputer(nn.Module):
         mask = as_presence(present, self.n_tasks, roots[0].device)
         if not any(r.requires_grad for r in roots):
             raise ValueError("task_losses must require grad (computed from the model, graph not freed)")
-        model = self._model_ref() if self._model_ref is not None else None
-        if _recorded_by_compiled_graph(getattr(model, "mixture_levels", None) or []):
-            raise ValueError("the attached model's last forward pass ran compiled (torch.compile): per-task gradients "
-                             "through a compiled graph are not reliable (repeated backward passes gave zero rows); "
-                             "measure on an eager forward pass (Trainer with compile_forward=True runs the steps "
-                             "on which adaTT measures eagerly)")  # fmt: skip
+        refuse_compiled_forward(self._model_ref() if self._model_ref is not None else None)
         return roots, [i for i in mask.nonzero().flatten().tolist() if roots[i].requires_grad]
 
     def _parameter_set(self, shared_parameters: Sequence[nn.Parameter] | None = None) -> list[nn.Parameter]:
@@ -596,12 +591,3 @@ class TaskAffinityComputer(nn.Module):
         """Same as :meth:`measure`."""
         return self.measure(task_losses, present)
 
-
-def _recorded_by_compiled_graph(levels: Sequence[MixtureLevel]) -> bool:
-    """True where a level's shared-expert outputs come out of a graph compiled by ``torch.compile``
-    (AOTAutograd's ``CompiledFunctionBackward``). Inside that graph the experts' ops are no
-    nodes of their own: the structured pass finds no path from the recorded features to the
-    parameters (zero rows), and repeated backward passes through the graph (loop, cut) gave
-    zero rows from the second on here (bank form, one thread)."""
-    return any(type(getattr(t, "grad_fn", None)).__name__ == "CompiledFunctionBackward"
-               for level in levels for t in level.shared_outputs)  # fmt: skip
